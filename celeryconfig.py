@@ -1,0 +1,72 @@
+"""Celery settings for wxphone. Values come from :mod:`worker.settings`; nothing here reads the environment.
+
+Queues: ``wxphone`` carries phone and login jobs; ``wxphone.token`` carries token refreshes so a
+refresh never waits behind a backlog of jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.settings import get_settings
+
+_settings = get_settings()
+
+JOB_QUEUE = "wxphone"
+TOKEN_QUEUE = "wxphone.token"
+REFRESH_TASK_NAME = "wxphone.refresh_access_token"
+
+#: Hard limit for one task run; WeChat calls time out far sooner (connect + read timeout).
+TASK_TIME_LIMIT_SECONDS = 120
+TASK_SOFT_TIME_LIMIT_SECONDS = 90
+#: Unacked messages come back after this long. It must exceed the hard limit plus the longest
+#: retry countdown, or a still-running task is delivered a second time.
+VISIBILITY_TIMEOUT_SECONDS = 1800
+
+broker_url = _settings.broker_url
+result_backend = _settings.broker_url
+result_expires = 24 * 3600
+result_extended = False
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_default_queue = JOB_QUEUE
+task_routes: dict[str, dict[str, str]] = {REFRESH_TASK_NAME: {"queue": TOKEN_QUEUE}}
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_time_limit = TASK_TIME_LIMIT_SECONDS
+task_soft_time_limit = TASK_SOFT_TIME_LIMIT_SECONDS
+task_track_started = False
+worker_prefetch_multiplier = 1
+worker_hijack_root_logger = False
+worker_send_task_events = False
+worker_cancel_long_running_tasks_on_connection_loss = True
+broker_connection_retry_on_startup = True
+broker_connection_max_retries = None
+
+broker_transport_options: dict[str, Any] = {
+    "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "health_check_interval": 25,
+    "retry_on_timeout": True,
+}
+result_backend_transport_options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
+visibility_timeout = VISIBILITY_TIMEOUT_SECONDS
+
+# One beat schedules at a time: RedBeat holds a lock in Redis; a standby beat takes over.
+beat_scheduler = "redbeat.RedBeatScheduler"
+redbeat_redis_url = _settings.redis_url
+redbeat_key_prefix = "wxphone:redbeat"
+beat_max_loop_interval = 5
+beat_schedule: dict[str, dict[str, Any]] = {
+    "refresh-access-tokens": {
+        "task": REFRESH_TASK_NAME,
+        "schedule": _settings.token_check_interval_seconds,
+        "options": {"queue": TOKEN_QUEUE, "expires": _settings.token_check_interval_seconds},
+    }
+}

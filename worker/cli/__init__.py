@@ -1,0 +1,33 @@
+"""The ``wxphone`` command line. Each sub-command lives in its own module of this package."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from worker.cli.processes import beat_command, worker_command
+from worker.cli.sandbox import sandbox_command
+from worker.cli.token import token_group
+from worker.settings import SettingsError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wxphone")
+def cli() -> None:
+    """wxphone: WeChat phone codes in, verified phone numbers in PostgreSQL out."""
+
+
+cli.add_command(sandbox_command)
+cli.add_command(worker_command)
+cli.add_command(beat_command)
+cli.add_command(token_group)
+
+
+def main() -> None:
+    """Console-script entry point: run the CLI, turning configuration errors into a clear exit."""
+    try:
+        cli.main(prog_name="wxphone", standalone_mode=True)
+    except SettingsError as error:
+        click.echo(f"wxphone: {error}", err=True)
+        sys.exit(2)
