@@ -1,0 +1,79 @@
+"""Shared fixtures: a private Redis, a throwaway PostgreSQL database and a running WeChat sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import ManagedProcess, base_environment, sandbox_process
+from tests.support.services import RedisServer, create_database, drop_database, free_port
+from worker.sandbox.admin import SandboxAdmin
+
+#: Redis database numbers inside the private test server.
+BROKER_DB = 0
+TOKEN_STORE_DB = 1
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server private to this test session (tests may kill and restart it)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class RedisUrls:
+    broker_url: str
+    redis_url: str
+
+
+@pytest.fixture
+def redis_urls(redis_server: RedisServer) -> RedisUrls:
+    """Broker and token-store URLs on the private server, emptied before each test."""
+    if not redis_server.process:
+        redis_server.start()
+    for db in (BROKER_DB, TOKEN_STORE_DB):
+        with redis_server.client(db) as conn:
+            conn.flushdb()
+    return RedisUrls(broker_url=redis_server.url(BROKER_DB), redis_url=redis_server.url(TOKEN_STORE_DB))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """An empty PostgreSQL database for this test session, dropped at the end."""
+    url = create_database()
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    """One ``wxphone sandbox`` process for the whole session."""
+    port = free_port()
+    process = sandbox_process(port, base_environment(), tmp_path_factory.mktemp("sandbox")).start()
+    admin = SandboxAdmin(f"http://127.0.0.1:{port}")
+    admin.wait_until_ready(timeout_seconds=20)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: ManagedProcess) -> SandboxAdmin:
+    """The admin client of the session's sandbox, with all state cleared for this test."""
+    port = int(sandbox_server.args[sandbox_server.args.index("--port") + 1])
+    admin = SandboxAdmin(f"http://127.0.0.1:{port}")
+    admin.reset(all=True)
+    return admin
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    """Where a test's subprocesses write their output."""
+    path = tmp_path / "logs"
+    path.mkdir()
+    return path

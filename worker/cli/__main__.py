@@ -1,0 +1,5 @@
+"""``python -m worker.cli`` runs the wxphone command line."""
+
+from worker.cli import main
+
+main()
