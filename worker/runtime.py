@@ -1,0 +1,98 @@
+"""The collaborators one process shares: Redis client, WeChat client, token service.
+
+Tasks and commands get them from :func:`get_runtime`; domain functions take them as keyword
+arguments, so tests build their own. After a fork, :func:`reset_runtime` drops inherited
+connections so a child never shares a socket with its parent.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+
+import redis
+import requests
+from requests.adapters import HTTPAdapter
+
+from worker.settings import Settings, get_settings
+from worker.tokens.service import TokenService
+from worker.tokens.store import TokenStore
+from worker.wechat.client import WeChatClient
+
+__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+
+#: Enough pooled HTTP connections and Redis connections for a threaded or gevent pool.
+CONNECTION_POOL_SIZE = 128
+REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
+REDIS_CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+class Runtime:
+    """Lazily built, process-wide collaborators for one :class:`Settings`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """Client of the token store / locks / limits Redis (``WXPHONE_REDIS_URL``)."""
+        return redis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+            health_check_interval=25,
+            max_connections=CONNECTION_POOL_SIZE,
+        )
+
+    @cached_property
+    def wechat_client(self) -> WeChatClient:
+        """The WeChat API client with pooled keep-alive connections."""
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=CONNECTION_POOL_SIZE, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        timeout = (self.settings.http_connect_timeout_seconds, self.settings.http_read_timeout_seconds)
+        return WeChatClient(self.settings.wechat_api_base, session=session, timeout=timeout)
+
+    @cached_property
+    def token_store(self) -> TokenStore:
+        return TokenStore(self.redis, mode=self.settings.token_mode)
+
+    @cached_property
+    def token_service(self) -> TokenService:
+        return TokenService(
+            store=self.token_store,
+            client=self.wechat_client,
+            apps=self.settings.apps_by_id,
+            mode=self.settings.token_mode,
+            refresh_fraction=self.settings.token_refresh_fraction,
+            lease_seconds=self.settings.token_lock_ttl_seconds,
+            wait_seconds=self.settings.token_wait_seconds,
+        )
+
+    def close(self) -> None:
+        """Close pooled connections that were opened."""
+        if "wechat_client" in self.__dict__:
+            self.wechat_client.close()
+        if "redis" in self.__dict__:
+            self.redis.close()
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime built from :func:`worker.settings.get_settings`."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the runtime (in a forked child: without closing the parent's sockets)."""
+    global _runtime
+    with _lock:
+        _runtime = None

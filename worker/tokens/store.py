@@ -1,0 +1,258 @@
+"""Where the fleet's one access token per app lives: Redis, with a lease lock and fenced writes.
+
+Keys name the appid only (never a secret or a token)::
+
+    wxphone:token:{mode}:{appid}        hash  value, expires_at, refresh_at, fetched_at, expires_in, fence
+    wxphone:token-lock:{appid}          str   owner id of the refresh lease (PX expiry)
+    wxphone:token-fence:{appid}         int   fencing counter, incremented on every lease grant
+    wxphone:token-force:{appid}:{day}   int   stable force refreshes used that day (UTC)
+    wxphone:token-force-last:{appid}    str   present while the 30 s force-refresh spacing runs
+
+Every multi-step change is one Lua script, so it is atomic in Redis:
+
+* a lease is granted together with a new fence number;
+* a token is written only if its fence is still the newest one granted, so a slow, older refresh
+  that finishes late can never overwrite a newer token (or resurrect a dropped one);
+* a token is deleted only if it is still the one that failed (compare-and-delete);
+* a lease is released only by its owner.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+
+from worker.tokens.errors import TokenStoreUnavailableError
+from worker.wechat.types import AccessToken, mask_secret
+
+__all__ = ["CachedToken", "ForceBudget", "TokenStore"]
+
+KEY_PREFIX = "wxphone"
+#: Never treat a token as usable in the last stretch of its life: a call made then may arrive late.
+USABLE_MARGIN_MAX_SECONDS = 30.0
+USABLE_MARGIN_FRACTION = 0.1
+
+T = TypeVar("T")
+
+_ACQUIRE_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
+
+_FENCED_WRITE = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'value', ARGV[2], 'expires_at', ARGV[3], 'refresh_at', ARGV[4],
+           'fetched_at', ARGV[5], 'expires_in', ARGV[6], 'fence', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 1
+"""
+
+_COMPARE_AND_DELETE = """
+if redis.call('HGET', KEYS[1], 'value') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_SPEND_FORCE_BUDGET = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return -1
+end
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used >= tonumber(ARGV[1]) then
+  return -2
+end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 172800)
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return used + 1
+"""
+
+
+@dataclass(frozen=True)
+class CachedToken:
+    """A token as stored for the fleet, with the timing derived from WeChat's ``expires_in``."""
+
+    value: str = field(repr=False)
+    expires_at: float
+    refresh_at: float
+    fetched_at: float
+    expires_in: int
+    fence: int
+
+    def is_usable(self, now: float) -> bool:
+        """Whether business calls may still use this token."""
+        margin = min(USABLE_MARGIN_MAX_SECONDS, self.expires_in * USABLE_MARGIN_FRACTION)
+        return now < self.expires_at - margin
+
+    def is_refresh_due(self, now: float) -> bool:
+        """Whether the scheduled refresh should replace this token now."""
+        return now >= self.refresh_at or not self.is_usable(now)
+
+    @property
+    def masked(self) -> str:
+        """The token for display: only its last characters."""
+        return mask_secret(self.value)
+
+
+@dataclass(frozen=True)
+class ForceBudget:
+    """Stable-token force refreshes: used today and whether the spacing window is running."""
+
+    used_today: int
+    spacing_active: bool
+
+
+class TokenStore:
+    """Redis operations on the shared tokens. Redis errors become :class:`TokenStoreUnavailableError`."""
+
+    def __init__(self, client: redis.Redis, *, mode: str, clock: Callable[[], float] = time.time) -> None:
+        self._redis = client
+        self.mode = mode
+        self._clock = clock
+        self._acquire = client.register_script(_ACQUIRE_LEASE)
+        self._write = client.register_script(_FENCED_WRITE)
+        self._compare_and_delete = client.register_script(_COMPARE_AND_DELETE)
+        self._release = client.register_script(_RELEASE_LEASE)
+        self._spend_force = client.register_script(_SPEND_FORCE_BUDGET)
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def token_key(self, appid: str) -> str:
+        return f"{KEY_PREFIX}:token:{self.mode}:{appid}"
+
+    @staticmethod
+    def lock_key(appid: str) -> str:
+        return f"{KEY_PREFIX}:token-lock:{appid}"
+
+    @staticmethod
+    def fence_key(appid: str) -> str:
+        return f"{KEY_PREFIX}:token-fence:{appid}"
+
+    @staticmethod
+    def _force_keys(appid: str, day: str) -> list[str]:
+        return [f"{KEY_PREFIX}:token-force:{appid}:{day}", f"{KEY_PREFIX}:token-force-last:{appid}"]
+
+    # -- operations -----------------------------------------------------------------------
+
+    def read(self, appid: str) -> CachedToken | None:
+        """The stored token of ``appid``, or None when there is none (or it has expired)."""
+        stored = self._call(self._redis.hgetall, self.token_key(appid))
+        raw = {_text(key): _text(value) for key, value in stored.items()}
+        if "value" not in raw:
+            return None
+        try:
+            return CachedToken(
+                value=raw["value"],
+                expires_at=float(raw["expires_at"]),
+                refresh_at=float(raw["refresh_at"]),
+                fetched_at=float(raw["fetched_at"]),
+                expires_in=int(raw["expires_in"]),
+                fence=int(raw["fence"]),
+            )
+        except (KeyError, ValueError):
+            return None  # a damaged entry is treated as absent and gets replaced
+
+    def try_acquire_lease(self, appid: str, owner: str, *, lease_seconds: float) -> int:
+        """Try to take the refresh lease; return the new fence number, or 0 if someone holds it."""
+        keys = [self.lock_key(appid), self.fence_key(appid)]
+        fence = self._call(self._acquire, keys=keys, args=[owner, int(lease_seconds * 1000)])
+        return int(fence)
+
+    def release_lease(self, appid: str, owner: str) -> bool:
+        """Release the lease if ``owner`` still holds it."""
+        return bool(self._call(self._release, keys=[self.lock_key(appid)], args=[owner]))
+
+    @contextmanager
+    def lease(self, appid: str, *, lease_seconds: float) -> Iterator[int]:
+        """Hold the refresh lease for the block; yields the fence (0 when not granted)."""
+        owner = uuid.uuid4().hex
+        fence = self.try_acquire_lease(appid, owner, lease_seconds=lease_seconds)
+        try:
+            yield fence
+        finally:
+            if fence:
+                # If Redis is gone the lease simply expires on its own.
+                with suppress(TokenStoreUnavailableError):
+                    self.release_lease(appid, owner)
+
+    def write(
+        self, appid: str, token: AccessToken, *, fence: int, refresh_fraction: float
+    ) -> CachedToken | None:
+        """Store a freshly fetched token if ``fence`` is still the newest lease; else return None."""
+        now = self._clock()
+        cached = CachedToken(
+            value=token.value,
+            expires_at=now + token.expires_in,
+            refresh_at=now + token.expires_in * refresh_fraction,
+            fetched_at=now,
+            expires_in=token.expires_in,
+            fence=fence,
+        )
+        args: list[Any] = [
+            fence,
+            cached.value,
+            repr(cached.expires_at),
+            repr(cached.refresh_at),
+            repr(cached.fetched_at),
+            cached.expires_in,
+            int(token.expires_in * 1000),
+        ]
+        keys = [self.token_key(appid), self.fence_key(appid)]
+        written = self._call(self._write, keys=keys, args=args)
+        return cached if written else None
+
+    def delete_if_current(self, appid: str, failed_value: str) -> bool:
+        """Drop the stored token only if it is still ``failed_value`` (compare-and-delete)."""
+        deleted = self._call(self._compare_and_delete, keys=[self.token_key(appid)], args=[failed_value])
+        return bool(deleted)
+
+    def spend_force_refresh(self, appid: str, *, daily_limit: int, spacing_seconds: int) -> int:
+        """Count one force refresh against today's budget.
+
+        Returns the number used today including this one, ``-1`` while the spacing window runs,
+        or ``-2`` when the daily budget is spent.
+        """
+        keys = self._force_keys(appid, time.strftime("%Y%m%d", time.gmtime(self._clock())))
+        return int(self._call(self._spend_force, keys=keys, args=[daily_limit, spacing_seconds]))
+
+    def force_budget(self, appid: str) -> ForceBudget:
+        """How much of today's force-refresh budget is used."""
+        day_key, last_key = self._force_keys(appid, time.strftime("%Y%m%d", time.gmtime(self._clock())))
+        used = self._call(self._redis.get, day_key)
+        spacing = self._call(self._redis.exists, last_key)
+        return ForceBudget(used_today=int(used or 0), spacing_active=bool(spacing))
+
+    def ping(self) -> bool:
+        """Whether Redis answers."""
+        return bool(self._call(self._redis.ping))
+
+    @staticmethod
+    def _call(operation: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return operation(*args, **kwargs)
+        except redis.RedisError:
+            # The redis-py message names only host and port, but we keep our own text anyway.
+            raise TokenStoreUnavailableError("token store (Redis) unreachable") from None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
