@@ -182,23 +182,28 @@ class TokenService:
         deadline = time.monotonic() + self.wait_seconds
         first_seen = self.store.read(appid)
         first_fence = first_seen.fence if first_seen else None
+
+        def settled(token: CachedToken | None) -> bool:
+            # Served when the token no longer needs refreshing, or another process has completed
+            # a refresh since we started (its result is as new as ours would be).
+            return (
+                token is not None
+                and token.is_usable(self._clock())
+                and (not needed(token) or token.fence != first_fence)
+            )
+
         while True:
             with self.store.lease(appid, lease_seconds=self.lease_seconds) as fence:
                 if fence:
-                    # Double-check under the lease: another process may have refreshed just now.
-                    current = self.store.read(appid)
-                    if current is not None and not needed(current):
+                    current = self.store.read(appid)  # double-check under the lease
+                    if current is not None and settled(current):
                         return current
                     written = self._fetch_and_write(appid, fence=fence, force=force)
                     if written is not None:
                         return written
             current = self.store.read(appid)
-            if (
-                current is not None
-                and current.is_usable(self._clock())
-                and (current.fence != first_fence or not needed(current))
-            ):
-                return current  # another process finished the refresh we waited for
+            if current is not None and settled(current):
+                return current
             if time.monotonic() >= deadline:
                 raise TokenWaitTimeoutError(f"{appid}: no access token within {self.wait_seconds:.0f}s")
             self._sleep(WAIT_POLL_SECONDS * (1 + random.random()))
