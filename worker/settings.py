@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     http_connect_timeout_seconds: float = Field(default=3.05, gt=0)
     http_read_timeout_seconds: float = Field(default=5.0, gt=0)
 
+    # Phone-code jobs.
+    fingerprint_key: str = Field(default="wxphone-development-fingerprint-key", min_length=16)
+    code_lifetime_seconds: float = Field(default=300.0, gt=0)
+    retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
+
     # Worker process shape used by ``wxphone worker``.
     worker_pool: Literal["prefork", "threads", "gevent", "solo"] = "prefork"
     worker_concurrency: int | None = Field(default=None, gt=0)

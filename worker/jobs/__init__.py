@@ -1,0 +1,1 @@
+"""Phone-code and login jobs: validation, domain functions and their Celery tasks."""
