@@ -8,6 +8,7 @@ It never logs, and no message it produces carries a URL, secret, token, code or 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,11 @@ _CLASSIC_TOKEN_PATH = "/cgi-bin/token"
 _STABLE_TOKEN_PATH = "/cgi-bin/stable_token"
 _PHONE_NUMBER_PATH = "/wxa/business/getuserphonenumber"
 _CODE_TO_SESSION_PATH = "/sns/jscode2session"
+
+# str.isdigit() also accepts "²" and "--1" after lstrip, which int() then rejects with a bare
+# ValueError; these ASCII patterns keep every odd value on the malformed-reply path.
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_COUNTRY_CODE_TEXT = re.compile(r"\+?[0-9]+")
 
 
 class WeChatClient:
@@ -177,12 +183,12 @@ class WeChatClient:
             raise WeChatMalformedReplyError(api=api, detail="reply too large")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested arrays
             raise WeChatMalformedReplyError(api=api, detail="reply is not JSON") from None
         if not isinstance(body, dict):
             raise WeChatMalformedReplyError(api=api, detail="reply is not a JSON object")
         errcode = body.get("errcode", 0)  # a missing errcode means success
-        if isinstance(errcode, str) and errcode.lstrip("-").isdigit():
+        if isinstance(errcode, str) and _INTEGER_TEXT.fullmatch(errcode):
             errcode = int(errcode)
         if not isinstance(errcode, int) or isinstance(errcode, bool):
             raise WeChatMalformedReplyError(api=api, detail="errcode is not an integer")
@@ -219,7 +225,7 @@ def _required_str(body: Mapping[str, Any], key: str, api: str) -> str:
 def _parse_access_token(body: Mapping[str, Any], api: str) -> AccessToken:
     token = _required_str(body, "access_token", api)
     expires_in = body.get("expires_in")
-    if isinstance(expires_in, str) and expires_in.isdigit():
+    if isinstance(expires_in, str) and _INTEGER_TEXT.fullmatch(expires_in):
         expires_in = int(expires_in)
     if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
         raise WeChatMalformedReplyError(api=api, detail="expires_in missing or not positive")
@@ -237,7 +243,7 @@ def _parse_phone_info(body: Mapping[str, Any]) -> PhoneInfo:
     # Documented as a string, shown as a bare number in the official sample: accept both.
     if isinstance(country_code, int) and not isinstance(country_code, bool):
         country_code = str(country_code)
-    if not isinstance(country_code, str) or not country_code.lstrip("+").isdigit():
+    if not isinstance(country_code, str) or not _COUNTRY_CODE_TEXT.fullmatch(country_code):
         raise WeChatMalformedReplyError(api=api, detail="countryCode missing or not numeric")
     watermark = info.get("watermark")
     if not isinstance(watermark, dict):
