@@ -6,14 +6,24 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.logs import configure_logging
 from worker.runtime import reset_runtime
+from worker.settings import get_settings
 
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
 app.conf.include = ["worker.tokens.tasks"]
 
 
+@signals.setup_logging.connect
+def _configure_logging(**_: Any) -> None:
+    # Connecting this signal stops Celery from installing its own handlers: every line, Celery's
+    # and the libraries', goes through the one redacting handler on the root logger.
+    settings = get_settings()
+    configure_logging(settings.log_level, secrets=[each.secret for each in settings.apps])
+
+
 @signals.worker_process_init.connect
 def _fresh_connections_in_child(**_: Any) -> None:
-    # A forked pool child must not reuse the parent's Redis or HTTP sockets.
+    # A forked pool child must not reuse the parent's Redis, HTTP or database sockets.
     reset_runtime()
