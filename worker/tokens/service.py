@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from worker.errors import TokenInvalidError
+from worker.logs import register_secret
 from worker.settings import AppCredentials, TokenMode
 from worker.tokens.errors import (
     AppNotConfiguredError,
@@ -85,6 +86,7 @@ class TokenService:
         self.wait_seconds = wait_seconds
         self._clock = clock
         self._sleep = sleep
+        self._redacted_fences: dict[str, int] = {}
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -92,9 +94,12 @@ class TokenService:
         """The current token of ``appid``; fetches it (single-flight) only when there is none."""
         self._credentials(appid)
         cached = self.store.read(appid)
-        if cached is not None and cached.is_usable(self._clock()):
-            return cached
-        return self._refresh_single_flight(appid, needed=lambda token: not token.is_usable(self._clock()))
+        if cached is None or not cached.is_usable(self._clock()):
+            cached = self._refresh_single_flight(
+                appid, needed=lambda token: not token.is_usable(self._clock())
+            )
+        self._redact_from_logs(appid, cached)
+        return cached
 
     def call_with_token(self, appid: str, call: Callable[[str], T]) -> T:
         """Run ``call(access_token)``; on a token rejection refresh once and retry once.
@@ -169,6 +174,12 @@ class TokenService:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _redact_from_logs(self, appid: str, token: CachedToken) -> None:
+        # Registering rebuilds the redaction pattern, so do it once per token, not per call.
+        if self._redacted_fences.get(appid) != token.fence:
+            register_secret(token.value)
+            self._redacted_fences[appid] = token.fence
+
     def _credentials(self, appid: str) -> AppCredentials:
         try:
             return self.apps[appid]
@@ -211,6 +222,7 @@ class TokenService:
     def _fetch_and_write(self, appid: str, *, fence: int, force: bool) -> CachedToken | None:
         credentials = self._credentials(appid)
         token = self._fetch(credentials, force=force)
+        register_secret(token.value)
         written = self.store.write(appid, token, fence=fence, refresh_fraction=self.refresh_fraction)
         if written is None:
             log.warning("discarded a token from a refresh that lost its lease", extra={"appid": appid})
