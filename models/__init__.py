@@ -1,0 +1,24 @@
+"""wxphone's database tables.
+
+Importing this package registers every table on :data:`Base.metadata`, which the migrations
+compare against.
+"""
+
+from __future__ import annotations
+
+from models.base import NAMING_CONVENTION, Base
+from models.code_claim import TERMINAL_CLAIM_STATUSES, CodeClaim, CodeClaimStatus
+from models.phone_job import TERMINAL_JOB_STATUSES, PhoneJob, PhoneJobStatus
+from models.user import User
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "TERMINAL_CLAIM_STATUSES",
+    "TERMINAL_JOB_STATUSES",
+    "Base",
+    "CodeClaim",
+    "CodeClaimStatus",
+    "PhoneJob",
+    "PhoneJobStatus",
+    "User",
+]

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from worker.cli.db import db_group
 from worker.cli.processes import beat_command, worker_command
 from worker.cli.sandbox import sandbox_command
 from worker.cli.token import token_group
@@ -22,6 +23,7 @@ cli.add_command(sandbox_command)
 cli.add_command(worker_command)
 cli.add_command(beat_command)
 cli.add_command(token_group)
+cli.add_command(db_group)
 
 
 def main() -> None:

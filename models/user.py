@@ -1,0 +1,41 @@
+"""``users``: one row per mini-program user, holding the verified phone number once known."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Identity, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, created_at_column, maintain_updated_at, updated_at_column
+
+__all__ = ["User"]
+
+
+class User(Base):
+    """A WeChat user of one mini program, identified by (appid, openid)."""
+
+    __tablename__ = "users"
+    # openid is only unique within one appid: the same person has a different openid per app.
+    __table_args__ = (UniqueConstraint("appid", "openid"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    appid: Mapped[str] = mapped_column(String(64), nullable=False)
+    openid: Mapped[str] = mapped_column(String(128), nullable=False)
+    unionid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: The number as WeChat shows it, with the country prefix (for example ``+86 138...``).
+    phone_number: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: The number without the country code.
+    pure_phone_number: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: Always a string of digits such as ``"86"``, never an int (a leading zero would be lost).
+    country_code: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    phone_verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = created_at_column()
+    updated_at: Mapped[datetime] = updated_at_column()
+
+    def __repr__(self) -> str:
+        # Deliberately without phone numbers: reprs end up in logs.
+        return f"User(id={self.id!r}, appid={self.appid!r}, openid={self.openid!r})"
+
+
+maintain_updated_at(Base.metadata.tables[User.__tablename__])
