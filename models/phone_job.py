@@ -63,6 +63,11 @@ class PhoneJob(Base):
     code_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     #: For a repeated submission of the same (appid, code): the job that owns the WeChat exchange.
     canonical_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: When a worker last claimed the job; a ``running`` job with an old claim has lost its worker.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Exchanges whose reply never arrived (timeout after sending, worker death mid-call): the
+    #: only case in which the same code may be presented to WeChat twice.
+    lost_replies: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
 
     def __repr__(self) -> str:
         return f"PhoneJob(job_id={self.job_id!r}, appid={self.appid!r}, status={self.status!r})"

@@ -6,13 +6,14 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.db import check_schema_at_head, dispose_engine_after_fork
 from worker.logs import configure_logging
-from worker.runtime import reset_runtime
+from worker.runtime import get_runtime, reset_runtime
 from worker.settings import get_settings
 
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
-app.conf.include = ["worker.tokens.tasks"]
+app.conf.include = ["worker.tokens.tasks", "worker.jobs.tasks"]
 
 
 @signals.setup_logging.connect
@@ -26,4 +27,12 @@ def _configure_logging(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool child must not reuse the parent's Redis, HTTP or database sockets.
+    dispose_engine_after_fork()
     reset_runtime()
+
+
+@signals.worker_init.connect
+def _refuse_outdated_schema(**_: Any) -> None:
+    # Raising here stops the worker before it consumes anything, with the message naming the
+    # command to run (``wxphone db upgrade``).
+    check_schema_at_head(get_runtime().engine)

@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import threading
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
 import requests
 from requests.adapters import HTTPAdapter
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from worker.db import get_engine, session_factory
+from worker.jobs.phone import JobPolicy
 from worker.settings import Settings, get_settings
 from worker.tokens.service import TokenService
 from worker.tokens.store import TokenStore
 from worker.wechat.client import WeChatClient
+
+if TYPE_CHECKING:
+    from worker.producer import Producer
 
 __all__ = ["Runtime", "get_runtime", "reset_runtime"]
 
@@ -69,6 +77,32 @@ class Runtime:
             lease_seconds=self.settings.token_lock_ttl_seconds,
             wait_seconds=self.settings.token_wait_seconds,
         )
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The PostgreSQL engine (pre-ping on; one per process)."""
+        return get_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return session_factory(self.engine)
+
+    @cached_property
+    def job_policy(self) -> JobPolicy:
+        return JobPolicy(
+            fingerprint_key=self.settings.fingerprint_key,
+            code_lifetime_seconds=self.settings.code_lifetime_seconds,
+            retry_backoff_base_seconds=self.settings.retry_backoff_base_seconds,
+            retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
+        )
+
+    @cached_property
+    def producer(self) -> Producer:
+        """The front-end API bound to this process's broker and database."""
+        from worker.app import app
+        from worker.producer import Producer
+
+        return Producer(sessions=self.sessions, celery_app=app, policy=self.job_policy)
 
     def close(self) -> None:
         """Close pooled connections that were opened."""

@@ -63,6 +63,8 @@ def upgrade() -> None:
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("code_expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("canonical_job_id", sa.String(length=64), nullable=True),
+        sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lost_replies", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.CheckConstraint(
             "status IN ('queued', 'running', 'retrying', 'succeeded', 'failed')",
             name=op.f("ck_phone_jobs_status"),

@@ -248,6 +248,7 @@ def test_redis_keys_name_the_appid_but_never_the_secret_or_token(
 ) -> None:
     service = make_service()
     token = service.get_token(APPID)
-    keys = [key.decode() for key in service.store._redis.keys("*")]
+    with redis.Redis.from_url(redis_urls.redis_url, decode_responses=True) as conn:
+        keys = [str(key) for key in conn.keys("*")]
     assert keys and all(APPID in key for key in keys)
     assert not any(SECRET in key or token.value in key for key in keys)

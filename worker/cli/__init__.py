@@ -7,6 +7,7 @@ import sys
 import click
 
 from worker.cli.db import db_group
+from worker.cli.jobs import enqueue_command, job_group, user_group
 from worker.cli.processes import beat_command, worker_command
 from worker.cli.sandbox import sandbox_command
 from worker.cli.token import token_group
@@ -24,6 +25,9 @@ cli.add_command(worker_command)
 cli.add_command(beat_command)
 cli.add_command(token_group)
 cli.add_command(db_group)
+cli.add_command(enqueue_command)
+cli.add_command(job_group)
+cli.add_command(user_group)
 
 
 def main() -> None:

@@ -43,23 +43,29 @@ def _parse_latency_options(values: tuple[str, ...]) -> dict[str, float]:
     metavar="APPID:SECRET",
     help="Register an app (repeatable). Without it, apps come from WXPHONE_APPS.",
 )
-@click.option("--token-lifetime-seconds", type=click.FloatRange(min=0, min_open=True), default=7200.0)
+@click.option(
+    "--token-lifetime-seconds", type=click.FloatRange(min=0, min_open=True), default=7200.0, show_default=True
+)
 @click.option(
     "--grace-seconds",
     type=click.FloatRange(min=0),
     default=300.0,
+    show_default=True,
     help="How long a superseded classic token keeps working.",
 )
-@click.option("--code-lifetime-seconds", type=click.FloatRange(min=0), default=300.0)
+@click.option("--code-lifetime-seconds", type=click.FloatRange(min=0), default=300.0, show_default=True)
 @click.option(
     "--stable-rollover-seconds",
     type=click.FloatRange(min=0),
     default=300.0,
+    show_default=True,
     help="A normal stable_token call in a token's last N seconds issues the next token.",
 )
-@click.option("--force-refresh-daily-limit", type=click.IntRange(min=0), default=20)
-@click.option("--force-refresh-spacing-seconds", type=click.FloatRange(min=0), default=30.0)
-@click.option("--classic-token-daily-limit", type=click.IntRange(min=0), default=2000)
+@click.option("--force-refresh-daily-limit", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option(
+    "--force-refresh-spacing-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True
+)
+@click.option("--classic-token-daily-limit", type=click.IntRange(min=0), default=2000, show_default=True)
 @click.option(
     "--latency-ms",
     "latency_options",

@@ -70,10 +70,10 @@ class ValidatedLogin:
         return f"ValidatedLogin(appid={self.appid!r})"
 
 
-def _check_appid(appid: object, configured: Collection[str]) -> str:
+def _check_appid(appid: object, configured: Collection[str] | None) -> str:
     if not isinstance(appid, str) or not APPID_PATTERN.fullmatch(appid):
         raise InvalidInputError("appid is missing or malformed")
-    if appid not in configured:
+    if configured is not None and appid not in configured:
         raise AppNotConfiguredInputError(f"appid {appid} is not configured")
     return appid
 
@@ -89,10 +89,13 @@ def _check_code(code: object, name: str) -> str:
 
 
 def validate_phone_job(
-    *, appid: object, openid: object, code: object, configured_appids: Collection[str]
+    *, appid: object, openid: object, code: object, configured_appids: Collection[str] | None
 ) -> ValidatedPhoneJob:
     """Validate ``resolve_phone`` arguments; raise :class:`InvalidInputError` or
-    :class:`AppNotConfiguredInputError`. Messages never include the code."""
+    :class:`AppNotConfiguredInputError`. Messages never include the code.
+
+    ``configured_appids=None`` checks the form only (front ends hold no app configuration).
+    """
     checked_appid = _check_appid(appid, configured_appids)
     if not isinstance(openid, str) or not openid:
         raise InvalidInputError("openid is missing or not a string")

@@ -4,6 +4,36 @@ Handlers read the request, then call :class:`~worker.sandbox.state.SandboxState`
 in between, so every emulated call is atomic on the single event loop. Only latency (configured or
 injected) is awaited, before or after processing. There is no access log unless asked for, and
 the opt-in one prints method, path and status only: query strings carry secrets, tokens and codes.
+
+Emulated endpoints (every error is HTTP 200 ``{"errcode": N, "errmsg": "<text> rid: <rid>"}``)::
+
+    GET  /cgi-bin/token?grant_type=client_credential&appid=&secret=
+    POST /cgi-bin/stable_token                {grant_type, appid, secret, force_refresh}
+    POST /wxa/business/getuserphonenumber?access_token=   {code, openid?}
+    GET  /sns/jscode2session?appid=&secret=&js_code=&grant_type=authorization_code
+
+Admin API (JSON in and out; invalid input is HTTP 400 ``{"error": ...}``)::
+
+    GET    /_sandbox/health                  {"ok": true}
+    GET    /_sandbox/apps                    {"apps": [appid, ...]}
+    POST   /_sandbox/apps                    {appid, secret}
+    POST   /_sandbox/apps/{appid}/revoke     every token of the app stops working now
+    GET    /_sandbox/config                  the current settings
+    POST   /_sandbox/config                  any of the settings of SandboxConfig
+    POST   /_sandbox/phone_codes             {appid, count?, phone_number?, pure_phone_number?,
+                                              country_code?, country_code_as_number?,
+                                              watermark_appid?, lifetime_seconds?}
+                                             -> {"codes": [...], "phones": [{code, phone_number, ...}]}
+    POST   /_sandbox/login_codes             {appid, openid?, unionid?, high_risk?} -> {code, openid}
+    GET    /_sandbox/faults                  queued faults
+    POST   /_sandbox/faults                  {endpoint, errcode?, times?, latency_ms?, drop_connection?,
+                                              http_status?, timing?: "before" | "after"}
+    DELETE /_sandbox/faults                  drop every queued fault
+    GET    /_sandbox/stats                   counters per endpoint and per app, codes_exchanged,
+                                             code_presentations (histogram: times presented -> codes)
+    POST   /_sandbox/reset                   {all?}: forget tokens, codes, faults, counters, clock offset;
+                                             with all, also restore the start-up apps and settings
+    POST   /_sandbox/clock                   {seconds}: move the sandbox's time forward
 """
 
 from __future__ import annotations

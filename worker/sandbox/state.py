@@ -657,8 +657,13 @@ class SandboxState:
                 stats.faults_applied += 1
 
     def stats(self) -> dict[str, Any]:
-        """Counters per endpoint and per app, plus phone-code exchange and presentation figures."""
-        result: dict[str, Any] = {endpoint: self._stats[endpoint].as_dict(endpoint) for endpoint in ENDPOINTS}
+        """Counters per endpoint and per app, plus phone-code exchange and presentation figures.
+
+        ``result["endpoints"][name]`` holds one endpoint's counters; ``result[name]`` is the same
+        object, for brevity.
+        """
+        per_endpoint = {endpoint: self._stats[endpoint].as_dict(endpoint) for endpoint in ENDPOINTS}
+        result: dict[str, Any] = {"endpoints": per_endpoint, **per_endpoint}
         result["apps"] = {
             appid: {endpoint: per_app[endpoint].as_dict(endpoint) for endpoint in ENDPOINTS}
             for appid, per_app in sorted(self._app_stats.items())

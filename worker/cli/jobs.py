@@ -1,0 +1,66 @@
+"""``wxphone enqueue``, ``wxphone job show`` and ``wxphone user show``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from worker.errors import WxphoneError
+from worker.runtime import get_runtime
+
+
+def _print_record(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    width = max(len(key) for key in record)
+    for key, value in record.items():
+        click.echo(f"{key.ljust(width)}  {'-' if value is None else value}")
+
+
+@click.command("enqueue")
+@click.option("--appid", required=True, help="The mini program's appid.")
+@click.option("--openid", required=True, help="The user's openid (from login).")
+@click.option("--code", required=True, help="The phone code from getPhoneNumber (e.detail.code).")
+def enqueue_command(appid: str, openid: str, code: str) -> None:
+    """Submit a phone code for resolution; prints the job id."""
+    try:
+        job_id = get_runtime().producer.submit_phone_code(appid=appid, openid=openid, code=code)
+    except WxphoneError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(job_id)
+
+
+@click.group("job")
+def job_group() -> None:
+    """Inspect phone-code jobs."""
+
+
+@job_group.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def job_show_command(job_id: str, as_json: bool) -> None:
+    """Show one job: status, error code, attempts and times."""
+    job = get_runtime().producer.get_job(job_id)
+    if job is None:
+        raise click.ClickException(f"no job with id {job_id}")
+    _print_record(job.as_dict(), as_json)
+
+
+@click.group("user")
+def user_group() -> None:
+    """Inspect user records."""
+
+
+@user_group.command("show")
+@click.option("--appid", required=True)
+@click.option("--openid", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def user_show_command(appid: str, openid: str, as_json: bool) -> None:
+    """Show a user's record, including the verified phone number."""
+    user = get_runtime().producer.get_user(appid=appid, openid=openid)
+    if user is None:
+        raise click.ClickException(f"no user with appid {appid} and openid {openid}")
+    _print_record(user.as_dict(), as_json)

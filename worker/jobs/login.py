@@ -1,0 +1,98 @@
+"""Login: exchange a ``wx.login`` code for openid/unionid and record the user.
+
+The session_key WeChat returns is never returned, logged or stored in plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import User
+from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
+from worker.jobs.phone import JobPolicy
+from worker.jobs.validation import validate_login
+from worker.settings import AppCredentials
+from worker.wechat.client import WeChatClient
+
+__all__ = ["LoginOutcome", "login_user"]
+
+log = logging.getLogger(__name__)
+
+#: A login code lives 5 minutes; a handful of backed-off attempts fits well inside that.
+MAX_LOGIN_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    """The result of one login attempt; ``retry_in_seconds`` is set when it must run again."""
+
+    status: Literal["succeeded", "failed", "retrying"]
+    error_code: str | None = None
+    appid: str | None = None
+    openid: str | None = None
+    unionid: str | None = None
+    retry_in_seconds: float | None = None
+
+    def as_result(self) -> dict[str, Any]:
+        """The Celery task result: identifiers only; never the session_key."""
+        return {
+            "status": self.status,
+            "error_code": self.error_code,
+            "appid": self.appid,
+            "openid": self.openid,
+            "unionid": self.unionid,
+        }
+
+
+def login_user(
+    *,
+    appid: object,
+    js_code: object,
+    attempt: int,
+    sessions: sessionmaker[Session],
+    client: WeChatClient,
+    apps: Mapping[str, AppCredentials],
+    policy: JobPolicy,
+) -> LoginOutcome:
+    """Run one login attempt; retryable failures ask for another attempt with backoff."""
+    try:
+        login = validate_login(appid=appid, js_code=js_code, configured_appids=apps.keys())
+    except RequestRejectedError as error:
+        return LoginOutcome("failed", error.error_code)
+    credentials = apps[login.appid]
+    try:
+        result = client.code_to_session(appid=login.appid, secret=credentials.secret, js_code=login.js_code)
+    except RetryLaterError as error:
+        if attempt >= MAX_LOGIN_ATTEMPTS:
+            return LoginOutcome("failed", "upstream_unavailable", appid=login.appid)
+        delay = min(policy.retry_backoff_max_seconds, policy.retry_backoff_base_seconds * 2 ** (attempt - 1))
+        log.info("login retries: %s", error)
+        return LoginOutcome(
+            "retrying",
+            error.error_code,
+            appid=login.appid,
+            retry_in_seconds=delay * random.uniform(0.5, 1.0),
+        )
+    except (RequestRejectedError, OperatorActionRequiredError) as error:
+        if isinstance(error, OperatorActionRequiredError):
+            log.error("login needs an operator: %s", error)
+        return LoginOutcome("failed", error.error_code, appid=login.appid)
+    except WxphoneError as error:
+        return LoginOutcome("failed", error.error_code, appid=login.appid)
+    with sessions.begin() as session:
+        statement = insert(User).values(appid=login.appid, openid=result.openid, unionid=result.unionid)
+        statement = statement.on_conflict_do_update(
+            index_elements=[User.appid, User.openid],
+            # A login without unionid (app not bound to an Open Platform account) keeps a known one.
+            set_={"unionid": func.coalesce(statement.excluded.unionid, User.unionid)},
+        )
+        session.execute(statement)
+    return LoginOutcome("succeeded", None, appid=login.appid, openid=result.openid, unionid=result.unionid)

@@ -1,0 +1,515 @@
+"""Resolving one phone-code job: the domain logic behind ``wxphone.resolve_phone``.
+
+The job row in PostgreSQL is the source of truth; Celery only delivers. One run:
+
+1. validates the input (no WeChat call for bad input or an unknown app);
+2. records the job if the producer did not (a task sent by name from any Celery client);
+3. claims the job with a compare-and-set (``queued``/``retrying`` -> ``running``); a job that is
+   already terminal returns its stored outcome, so a redelivered message makes no WeChat call;
+4. fails codes older than their 5-minute life without calling WeChat;
+5. claims the code itself in ``code_claims``: only the first submission of an (appid, code)
+   exchanges it; later submissions wait for, and end with, the first one's outcome;
+6. exchanges the code through the shared token (one compare-and-delete refresh on a rejected
+   token), never holding a database transaction across the HTTP call;
+7. checks ``watermark.appid`` and commits the user's phone fields, the job's final state and the
+   code claim in one transaction.
+
+Failures follow the four reactions of :mod:`worker.errors`. No database lock is held across the
+WeChat call, and nothing here logs or returns a code or a phone number.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import CodeClaim, PhoneJob, User
+from models.code_claim import CodeClaimStatus
+from models.phone_job import PhoneJobStatus
+from worker.errors import (
+    OperatorActionRequiredError,
+    RequestRejectedError,
+    RetryLaterError,
+    WxphoneError,
+)
+from worker.jobs.validation import (
+    code_fingerprint,
+    display_identifier,
+    validate_phone_job,
+)
+from worker.tokens.service import TokenService
+from worker.wechat.client import WeChatClient
+from worker.wechat.errors import WeChatError, WeChatRateLimitedError, WeChatTransportError
+from worker.wechat.types import PhoneInfo
+
+__all__ = ["JobOutcome", "JobPolicy", "record_submission", "resolve_phone_job"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OutcomeStatus = Literal["succeeded", "failed", "retrying", "running"]
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """Timing rules for phone jobs."""
+
+    fingerprint_key: str
+    code_lifetime_seconds: float = 300.0
+    retry_backoff_base_seconds: float = 1.0
+    retry_backoff_max_seconds: float = 30.0
+    #: Attempts at most per job (each start counts), whatever the code's remaining life.
+    max_attempts: int = 10
+    #: A ``running`` job whose claim is older than this belongs to a dead worker.
+    stale_claim_seconds: float = 75.0
+    #: How often a repeated submission looks whether the first one has finished.
+    duplicate_poll_seconds: float = 1.0
+    #: How long the final commit is retried in-process when PostgreSQL is unreachable: the
+    #: code is spent by then, so giving up would lose the number.
+    final_write_retry_seconds: float = 40.0
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """The result of one run. ``retry_in_seconds`` is set when the job must run again later."""
+
+    job_id: str
+    status: OutcomeStatus
+    error_code: str | None = None
+    retry_in_seconds: float | None = None
+
+    def as_result(self) -> dict[str, Any]:
+        """The Celery task result: identifiers and status only, never personal data."""
+        return {"job_id": self.job_id, "status": self.status, "error_code": self.error_code}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record_submission(
+    session: Session,
+    *,
+    job_id: str,
+    appid: str,
+    openid: str,
+    fingerprint: str,
+    now: datetime,
+    code_lifetime_seconds: float,
+) -> None:
+    """Insert the ``queued`` job row unless it exists (producers and workers both call this)."""
+    statement = (
+        insert(PhoneJob)
+        .values(
+            job_id=job_id,
+            appid=appid,
+            openid=openid,
+            code_fingerprint=fingerprint,
+            status=PhoneJobStatus.QUEUED.value,
+            created_at=now,
+            code_expires_at=now + timedelta(seconds=code_lifetime_seconds),
+        )
+        .on_conflict_do_nothing(index_elements=[PhoneJob.job_id])
+    )
+    session.execute(statement)
+
+
+def resolve_phone_job(
+    *,
+    job_id: str,
+    appid: object,
+    openid: object,
+    code: object,
+    sessions: sessionmaker[Session],
+    token_service: TokenService,
+    client: WeChatClient,
+    policy: JobPolicy,
+    clock: Callable[[], datetime] = utc_now,
+) -> JobOutcome:
+    """Run one attempt of a phone-code job; see the module docstring for the steps."""
+    run = _JobRun(job_id, sessions, token_service, client, policy, clock)
+    return run.execute(appid=appid, openid=openid, code=code)
+
+
+class _JobRun:
+    """One attempt at one job; holds the collaborators so the steps read plainly."""
+
+    def __init__(
+        self,
+        job_id: str,
+        sessions: sessionmaker[Session],
+        token_service: TokenService,
+        client: WeChatClient,
+        policy: JobPolicy,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.job_id = job_id
+        self.sessions = sessions
+        self.tokens = token_service
+        self.client = client
+        self.policy = policy
+        self.clock = clock
+
+    def execute(self, *, appid: object, openid: object, code: object) -> JobOutcome:
+        try:
+            job = validate_phone_job(
+                appid=appid, openid=openid, code=code, configured_appids=self.tokens.apps.keys()
+            )
+        except RequestRejectedError as error:
+            return self._reject_input(appid, openid, code, error)
+        fingerprint = code_fingerprint(self.policy.fingerprint_key, job.appid, job.code)
+        with self.sessions.begin() as session:
+            record_submission(
+                session,
+                job_id=self.job_id,
+                appid=job.appid,
+                openid=job.openid,
+                fingerprint=fingerprint,
+                now=self.clock(),
+                code_lifetime_seconds=self.policy.code_lifetime_seconds,
+            )
+        claimed = self._claim_job()
+        if isinstance(claimed, JobOutcome):
+            return claimed
+        attempts, code_expires_at = claimed
+        if self.clock() >= code_expires_at:
+            return self._finish_without_exchange(job.appid, fingerprint, "failed", "code_expired")
+        deferred = self._claim_code(job.appid, fingerprint, code_expires_at)
+        if deferred is not None:
+            return deferred
+        try:
+            info = self.tokens.call_with_token(
+                job.appid,
+                lambda token: self.client.get_phone_number(
+                    access_token=token, code=job.code, openid=job.openid
+                ),
+            )
+        except RetryLaterError as error:
+            return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
+        except (RequestRejectedError, OperatorActionRequiredError) as error:
+            if isinstance(error, OperatorActionRequiredError):
+                log.error("phone job needs an operator: %s", error, extra={"job_id": self.job_id})
+            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+        except WxphoneError as error:  # TokenInvalidError cannot escape call_with_token; be safe
+            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+        if info.watermark_appid != job.appid:
+            log.error("phone_info watermark names another app", extra={"job_id": self.job_id})
+            return self._finish_exchange(
+                job.appid, fingerprint, None, "failed", None, error_code="watermark_mismatch"
+            )
+        return self._finish_exchange(job.appid, fingerprint, (job.openid, info), "succeeded", None)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _reject_input(self, appid: object, openid: object, code: object, error: WxphoneError) -> JobOutcome:
+        """Record a job whose input failed validation as ``failed``; no WeChat call."""
+        safe_appid = display_identifier(appid, limit=64)
+        raw_code = code if isinstance(code, str) else repr(type(code))
+        now = self.clock()
+        with self.sessions.begin() as session:
+            record_submission(
+                session,
+                job_id=self.job_id,
+                appid=safe_appid,
+                openid=display_identifier(openid, limit=128),
+                fingerprint=code_fingerprint(self.policy.fingerprint_key, safe_appid, raw_code),
+                now=now,
+                code_lifetime_seconds=self.policy.code_lifetime_seconds,
+            )
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
+                .values(
+                    status=PhoneJobStatus.FAILED.value,
+                    error_code=error.error_code,
+                    attempts=PhoneJob.attempts + 1,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
+        log.warning("phone job rejected: %s", error.error_code, extra={"job_id": self.job_id})
+        return self._stored_outcome()
+
+    def _claim_job(self) -> tuple[int, datetime] | JobOutcome:
+        """Compare-and-set the job to ``running``; or say why this run must not proceed."""
+        now = self.clock()
+        stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
+        with self.sessions.begin() as session:
+            row = session.execute(
+                update(PhoneJob)
+                .where(
+                    PhoneJob.job_id == self.job_id,
+                    (PhoneJob.status.in_(_CLAIMABLE))
+                    | (
+                        (PhoneJob.status == PhoneJobStatus.RUNNING.value)
+                        & (PhoneJob.claimed_at < stale_before)
+                    ),
+                )
+                .values(
+                    status=PhoneJobStatus.RUNNING.value,
+                    attempts=PhoneJob.attempts + 1,
+                    started_at=func.coalesce(PhoneJob.started_at, now),
+                    claimed_at=now,
+                )
+                .returning(PhoneJob.attempts, PhoneJob.code_expires_at)
+            ).one_or_none()
+            if row is not None:
+                return int(row.attempts), row.code_expires_at
+            job = session.get(PhoneJob, self.job_id)
+        assert job is not None  # recorded just before
+        if job.status in _TERMINAL:
+            return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
+        # Another delivery of this job is running right now (or its worker died moments ago):
+        # look again once its claim would be stale.
+        claimed_at = job.claimed_at or now
+        wait = (claimed_at - stale_before).total_seconds()
+        return JobOutcome(self.job_id, "running", None, retry_in_seconds=max(1.0, wait))
+
+    def _claim_code(self, appid: str, fingerprint: str, code_expires_at: datetime) -> JobOutcome | None:
+        """Make this job the one that exchanges the code, or defer to the job that is."""
+        with self.sessions.begin() as session:
+            session.execute(
+                insert(CodeClaim)
+                .values(
+                    appid=appid,
+                    code_fingerprint=fingerprint,
+                    job_id=self.job_id,
+                    status=CodeClaimStatus.PENDING.value,
+                )
+                .on_conflict_do_nothing(index_elements=[CodeClaim.appid, CodeClaim.code_fingerprint])
+            )
+            claim = session.execute(
+                select(CodeClaim)
+                .where(CodeClaim.appid == appid, CodeClaim.code_fingerprint == fingerprint)
+                .with_for_update()
+            ).scalar_one()
+            if claim.job_id == self.job_id:
+                if claim.status in _CLAIM_TERMINAL:
+                    # Our own exchange already finished; mirror it (cannot normally happen, as
+                    # claim and job are committed together).
+                    return self._mirror_claim(session, claim)
+                if claim.status == CodeClaimStatus.EXCHANGING.value:
+                    # The previous attempt died between sending the code and recording the reply:
+                    # the one case where a code is presented to WeChat twice. Count it.
+                    session.execute(
+                        update(PhoneJob)
+                        .where(PhoneJob.job_id == self.job_id)
+                        .values(lost_replies=PhoneJob.lost_replies + 1)
+                    )
+                    log.warning("re-exchanging a code whose reply was lost", extra={"job_id": self.job_id})
+                claim.status = CodeClaimStatus.EXCHANGING.value
+                return None
+            session.execute(
+                update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(canonical_job_id=claim.job_id)
+            )
+            if claim.status in _CLAIM_TERMINAL:
+                return self._mirror_claim(session, claim)
+            if self.clock() >= code_expires_at + timedelta(seconds=self.policy.stale_claim_seconds):
+                # The first submission never finished; its code is long dead.
+                return self._finish_in(session, "failed", "code_expired")
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == self.job_id)
+                .values(status=PhoneJobStatus.RETRYING.value)
+            )
+        return JobOutcome(
+            self.job_id, "retrying", None, retry_in_seconds=_jitter(self.policy.duplicate_poll_seconds)
+        )
+
+    def _mirror_claim(self, session: Session, claim: CodeClaim) -> JobOutcome:
+        if claim.status == CodeClaimStatus.SUCCEEDED.value:
+            return self._finish_in(session, "succeeded", None)
+        return self._finish_in(session, "failed", claim.error_code)
+
+    def _finish_in(
+        self, session: Session, status: Literal["succeeded", "failed"], error_code: str | None
+    ) -> JobOutcome:
+        session.execute(
+            update(PhoneJob)
+            .where(PhoneJob.job_id == self.job_id)
+            .values(status=status, error_code=error_code, finished_at=self.clock())
+        )
+        return JobOutcome(self.job_id, status, error_code)
+
+    def _finish_without_exchange(
+        self, appid: str, fingerprint: str, status: Literal["failed"], error_code: str
+    ) -> JobOutcome:
+        with self.sessions.begin() as session:
+            outcome = self._finish_in(session, status, error_code)
+            self._settle_claim(session, appid, fingerprint, status, error_code, only_pending=True)
+        return outcome
+
+    def _retry_or_give_up(
+        self, appid: str, fingerprint: str, error: RetryLaterError, attempts: int, code_expires_at: datetime
+    ) -> JobOutcome:
+        delay = self._backoff_seconds(error, attempts)
+        rid = error.rid if isinstance(error, WeChatError) else None
+        lost_reply = isinstance(error, WeChatTransportError) and error.maybe_processed
+        out_of_time = self.clock() + timedelta(seconds=delay) >= code_expires_at
+        if out_of_time or attempts >= self.policy.max_attempts:
+            log.warning(
+                "phone job gave up after %d attempts: %s", attempts, error, extra={"job_id": self.job_id}
+            )
+            return self._finish_exchange(
+                appid, fingerprint, None, "failed", None, error_code="upstream_unavailable", rid=rid
+            )
+        with self.sessions.begin() as session:
+            values: dict[str, Any] = {"status": PhoneJobStatus.RETRYING.value, "last_rid": rid}
+            if lost_reply:
+                values["lost_replies"] = PhoneJob.lost_replies + 1
+            session.execute(update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(**values))
+            self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
+        log.info("phone job retries in %.1fs: %s", delay, error, extra={"job_id": self.job_id})
+        return JobOutcome(self.job_id, "retrying", error.error_code, retry_in_seconds=delay)
+
+    def _backoff_seconds(self, error: RetryLaterError, attempts: int) -> float:
+        if isinstance(error, WeChatRateLimitedError):
+            # 45011 means "this minute is used up": wait for the next one, not a fixed backoff.
+            seconds_into_minute = time.time() % 60
+            return 60.0 - seconds_into_minute + random.uniform(0.0, 2.0)
+        exponential = self.policy.retry_backoff_base_seconds * 2 ** max(0, attempts - 1)
+        return _jitter(min(self.policy.retry_backoff_max_seconds, exponential))
+
+    def _finish_exchange(
+        self,
+        appid: str,
+        fingerprint: str,
+        result: tuple[str, PhoneInfo] | None,
+        status: Literal["succeeded", "failed"],
+        error: WxphoneError | None,
+        *,
+        error_code: str | None = None,
+        rid: str | None = None,
+    ) -> JobOutcome:
+        """Commit the exchange's outcome: user phone fields, job state and code claim together."""
+        code = error_code or (error.error_code if error is not None else None)
+        last_rid = rid or (error.rid if isinstance(error, WeChatError) else None)
+
+        def write(session: Session) -> JobOutcome:
+            now = self.clock()
+            if result is not None:
+                openid, info = result
+                _upsert_phone(session, appid=appid, openid=openid, info=info, now=now)
+            values: dict[str, Any] = {"status": status, "error_code": code, "finished_at": now}
+            if last_rid:
+                values["last_rid"] = last_rid
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
+                .values(**values)
+            )
+            self._settle_claim(session, appid, fingerprint, status, code, only_pending=False)
+            return JobOutcome(self.job_id, status, code)
+
+        return self._commit_with_retry(write)
+
+    def _settle_claim(
+        self,
+        session: Session,
+        appid: str,
+        fingerprint: str,
+        status: str,
+        error_code: str | None,
+        *,
+        only_pending: bool,
+    ) -> None:
+        """Record the code's outcome on its claim, if this job owns the claim."""
+        allowed = [CodeClaimStatus.PENDING.value]
+        if not only_pending:
+            allowed.append(CodeClaimStatus.EXCHANGING.value)
+        session.execute(
+            update(CodeClaim)
+            .where(
+                CodeClaim.appid == appid,
+                CodeClaim.code_fingerprint == fingerprint,
+                CodeClaim.job_id == self.job_id,
+                CodeClaim.status.in_(allowed),
+            )
+            .values(status=status, error_code=error_code)
+        )
+
+    def _set_claim(
+        self, session: Session, appid: str, fingerprint: str, status: str, error_code: str | None
+    ) -> None:
+        session.execute(
+            update(CodeClaim)
+            .where(
+                CodeClaim.appid == appid,
+                CodeClaim.code_fingerprint == fingerprint,
+                CodeClaim.job_id == self.job_id,
+            )
+            .values(status=status, error_code=error_code)
+        )
+
+    def _commit_with_retry(self, write: Callable[[Session], T]) -> T:
+        """Run ``write`` in one transaction, retrying while PostgreSQL is unreachable.
+
+        Only used after the code was exchanged: the number exists nowhere else, so a short
+        database outage must not turn a success into a loss.
+        """
+        deadline = time.monotonic() + self.policy.final_write_retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                with self.sessions.begin() as session:
+                    return write(session)
+            except (OperationalError, DBAPIError) as error:
+                if not _is_disconnect(error) or time.monotonic() >= deadline:
+                    raise
+                log.warning(
+                    "database unreachable while recording a result; retrying", extra={"job_id": self.job_id}
+                )
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    def _stored_outcome(self) -> JobOutcome:
+        with self.sessions() as session:
+            job = session.get(PhoneJob, self.job_id)
+            assert job is not None
+            return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
+
+
+_TERMINAL = [PhoneJobStatus.SUCCEEDED.value, PhoneJobStatus.FAILED.value]
+_CLAIMABLE = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RETRYING.value]
+_CLAIM_TERMINAL = {CodeClaimStatus.SUCCEEDED.value, CodeClaimStatus.FAILED.value}
+
+
+def _jitter(seconds: float) -> float:
+    """Full-range jitter between half and all of ``seconds`` so retries do not synchronise."""
+    return seconds * random.uniform(0.5, 1.0)
+
+
+def _is_disconnect(error: DBAPIError) -> bool:
+    return bool(error.connection_invalidated) or isinstance(error, OperationalError)
+
+
+def _upsert_phone(session: Session, *, appid: str, openid: str, info: PhoneInfo, now: datetime) -> None:
+    statement = insert(User).values(
+        appid=appid,
+        openid=openid,
+        phone_number=info.phone_number,
+        pure_phone_number=info.pure_phone_number,
+        country_code=info.country_code,
+        phone_verified_at=now,
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[User.appid, User.openid],
+        set_={
+            "phone_number": statement.excluded.phone_number,
+            "pure_phone_number": statement.excluded.pure_phone_number,
+            "country_code": statement.excluded.country_code,
+            "phone_verified_at": statement.excluded.phone_verified_at,
+        },
+    )
+    session.execute(statement)

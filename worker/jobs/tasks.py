@@ -1,0 +1,87 @@
+"""Celery tasks for phone-code and login jobs: thin adapters over the domain functions.
+
+Task names, kwargs and queue are a stable interface; any Celery-protocol producer may send them
+by name to queue ``wxphone``:
+
+* ``wxphone.resolve_phone`` (``appid``, ``openid``, ``code``) -> ``{job_id, status, error_code}``
+* ``wxphone.login`` (``appid``, ``js_code``) -> ``{status, error_code, appid, openid, unionid}``
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+from sqlalchemy.exc import DBAPIError
+
+from worker.app import app
+from worker.jobs.login import login_user
+from worker.jobs.phone import resolve_phone_job
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+RESOLVE_PHONE = "wxphone.resolve_phone"
+LOGIN = "wxphone.login"
+#: Database outages before the exchange are retried with this backoff (seconds, capped).
+DATABASE_RETRY_MAX_SECONDS = 30.0
+
+
+def _database_backoff(retries: int) -> float:
+    return min(DATABASE_RETRY_MAX_SECONDS, 2.0**retries) * random.uniform(0.5, 1.0)
+
+
+@app.task(name=RESOLVE_PHONE, bind=True, max_retries=None)
+def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Resolve one phone code into the user's phone number (job id = this task's id)."""
+    runtime = get_runtime()
+    # Positional arguments are not part of the interface; they count as invalid input.
+    appid, openid, code = (
+        (None, None, None) if args else (kwargs.get("appid"), kwargs.get("openid"), kwargs.get("code"))
+    )
+    try:
+        outcome = resolve_phone_job(
+            job_id=self.request.id,
+            appid=appid,
+            openid=openid,
+            code=code,
+            sessions=runtime.sessions,
+            token_service=runtime.token_service,
+            client=runtime.wechat_client,
+            policy=runtime.job_policy,
+        )
+    except DBAPIError as error:
+        log.warning(
+            "database error, job retries: %s", type(error).__name__, extra={"job_id": self.request.id}
+        )
+        raise self.retry(countdown=_database_backoff(self.request.retries)) from None
+    if outcome.retry_in_seconds is not None:
+        raise self.retry(countdown=outcome.retry_in_seconds)
+    return outcome.as_result()
+
+
+@app.task(name=LOGIN, bind=True, max_retries=None)
+def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Exchange a wx.login code for openid/unionid and record the user."""
+    runtime = get_runtime()
+    appid, js_code = (None, None) if args else (kwargs.get("appid"), kwargs.get("js_code"))
+    try:
+        outcome = login_user(
+            appid=appid,
+            js_code=js_code,
+            attempt=self.request.retries + 1,
+            sessions=runtime.sessions,
+            client=runtime.wechat_client,
+            apps=runtime.settings.apps_by_id,
+            policy=runtime.job_policy,
+        )
+    except DBAPIError as error:
+        log.warning(
+            "database error, login retries: %s", type(error).__name__, extra={"task_id": self.request.id}
+        )
+        raise self.retry(countdown=_database_backoff(self.request.retries)) from None
+    if outcome.retry_in_seconds is not None:
+        raise self.retry(countdown=outcome.retry_in_seconds)
+    return outcome.as_result()

@@ -1,0 +1,217 @@
+"""The Python API for web front ends: submit phone codes, read jobs and users.
+
+Front ends need the broker and the database, never an AppSecret::
+
+    from worker.producer import submit_phone_code, get_job, get_user
+
+    job_id = submit_phone_code(appid="wx123", openid=openid, code=code)
+    job = get_job(job_id)            # JobView: status queued/running/retrying/succeeded/failed
+    user = get_user(appid="wx123", openid=openid)   # UserView with the verified number
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import PhoneJob, User
+from worker.jobs.phone import JobPolicy, record_submission, utc_now
+from worker.jobs.validation import code_fingerprint, validate_phone_job
+from worker.wechat.types import mask_phone_number
+
+__all__ = ["JobView", "Producer", "UserView", "get_job", "get_user", "submit_phone_code"]
+
+RESOLVE_PHONE_TASK = "wxphone.resolve_phone"
+LOGIN_TASK = "wxphone.login"
+JOB_QUEUE = "wxphone"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A phone job as front ends see it."""
+
+    job_id: str
+    appid: str
+    openid: str
+    status: str
+    error_code: str | None
+    attempts: int
+    created_at: datetime
+    finished_at: datetime | None
+    canonical_job_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, times in ISO 8601."""
+        return {
+            "job_id": self.job_id,
+            "appid": self.appid,
+            "openid": self.openid,
+            "status": self.status,
+            "error_code": self.error_code,
+            "attempts": self.attempts,
+            "created_at": _iso(self.created_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A user record. The full number is returned to the caller but kept out of the repr."""
+
+    appid: str
+    openid: str
+    unionid: str | None
+    phone_number: str | None = field(repr=False)
+    pure_phone_number: str | None = field(repr=False)
+    country_code: str | None
+    phone_verified_at: datetime | None
+
+    @property
+    def masked_phone_number(self) -> str | None:
+        """For display: ``138****8000``."""
+        return mask_phone_number(self.pure_phone_number) if self.pure_phone_number else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields, times in ISO 8601."""
+        return {
+            "appid": self.appid,
+            "openid": self.openid,
+            "unionid": self.unionid,
+            "phone_number": self.phone_number,
+            "pure_phone_number": self.pure_phone_number,
+            "country_code": self.country_code,
+            "phone_verified_at": _iso(self.phone_verified_at),
+        }
+
+
+class PublishError(RuntimeError):
+    """The job was recorded but could not be handed to the broker; it is marked failed."""
+
+
+class Producer:
+    """Submits jobs (record first, publish after commit) and reads their results."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        celery_app: Celery,
+        policy: JobPolicy,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.sessions = sessions
+        self.celery_app = celery_app
+        self.policy = policy
+        self.clock = clock
+
+    def submit_phone_code(self, *, appid: str, openid: str, code: str) -> str:
+        """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
+
+        Raises :class:`worker.jobs.validation.InvalidInputError` for malformed input (nothing is
+        recorded) and :class:`PublishError` when the broker cannot take the job.
+        """
+        job = validate_phone_job(appid=appid, openid=openid, code=code, configured_appids=None)
+        job_id = str(uuid.uuid4())
+        with self.sessions.begin() as session:
+            record_submission(
+                session,
+                job_id=job_id,
+                appid=job.appid,
+                openid=job.openid,
+                fingerprint=code_fingerprint(self.policy.fingerprint_key, job.appid, job.code),
+                now=self.clock(),
+                code_lifetime_seconds=self.policy.code_lifetime_seconds,
+            )
+        # Published only after the row is committed, so a worker always finds its job.
+        try:
+            self.celery_app.send_task(
+                RESOLVE_PHONE_TASK,
+                kwargs={"appid": job.appid, "openid": job.openid, "code": job.code},
+                task_id=job_id,
+                queue=JOB_QUEUE,
+            )
+        except Exception as error:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(PhoneJob)
+                    .where(PhoneJob.job_id == job_id)
+                    .values(status="failed", error_code="enqueue_failed", finished_at=self.clock())
+                )
+            raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
+        return job_id
+
+    def submit_login(self, *, appid: str, js_code: str) -> str:
+        """Enqueue ``wxphone.login``; its Celery result carries openid and unionid."""
+        task_id = str(uuid.uuid4())
+        self.celery_app.send_task(
+            LOGIN_TASK, kwargs={"appid": appid, "js_code": js_code}, task_id=task_id, queue=JOB_QUEUE
+        )
+        return task_id
+
+    def get_job(self, job_id: str) -> JobView | None:
+        """The job with this id, or None."""
+        with self.sessions() as session:
+            job = session.get(PhoneJob, job_id)
+            if job is None:
+                return None
+            return JobView(
+                job_id=job.job_id,
+                appid=job.appid,
+                openid=job.openid,
+                status=job.status,
+                error_code=job.error_code,
+                attempts=job.attempts,
+                created_at=job.created_at,
+                finished_at=job.finished_at,
+                canonical_job_id=job.canonical_job_id,
+            )
+
+    def get_user(self, *, appid: str, openid: str) -> UserView | None:
+        """The user (appid, openid), or None."""
+        with self.sessions() as session:
+            user = session.execute(
+                select(User).where(User.appid == appid, User.openid == openid)
+            ).scalar_one_or_none()
+            if user is None:
+                return None
+            return UserView(
+                appid=user.appid,
+                openid=user.openid,
+                unionid=user.unionid,
+                phone_number=user.phone_number,
+                pure_phone_number=user.pure_phone_number,
+                country_code=user.country_code,
+                phone_verified_at=user.phone_verified_at,
+            )
+
+
+def _default() -> Producer:
+    from worker.runtime import get_runtime
+
+    return get_runtime().producer
+
+
+def submit_phone_code(*, appid: str, openid: str, code: str) -> str:
+    """:meth:`Producer.submit_phone_code` with the process-wide settings."""
+    return _default().submit_phone_code(appid=appid, openid=openid, code=code)
+
+
+def get_job(job_id: str) -> JobView | None:
+    """:meth:`Producer.get_job` with the process-wide settings."""
+    return _default().get_job(job_id)
+
+
+def get_user(*, appid: str, openid: str) -> UserView | None:
+    """:meth:`Producer.get_user` with the process-wide settings."""
+    return _default().get_user(appid=appid, openid=openid)
