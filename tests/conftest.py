@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pipeline import Pipeline, running_pipeline
 from tests.support.processes import ManagedProcess, base_environment, sandbox_process
 from tests.support.services import RedisServer, create_database, drop_database, free_port
+from worker.db import upgrade_to_head
 from worker.sandbox.admin import SandboxAdmin
 
 #: Redis database numbers inside the private test server.
@@ -77,3 +79,29 @@ def log_dir(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(database_url: str) -> str:
+    """The session database, migrated to head."""
+    upgrade_to_head(database_url)
+    return database_url
+
+
+@pytest.fixture
+def pipeline(
+    migrated_database_url: str, redis_urls: RedisUrls, sandbox: SandboxAdmin, log_dir: Path
+) -> Iterator[Pipeline]:
+    """A clean wxphone (empty tables, Redis and sandbox) with the apps of ``tests.support.pipeline``.
+
+    Start processes with ``pipeline.start_worker()`` / ``pipeline.start_beat()``; they are
+    stopped when the test ends.
+    """
+    with running_pipeline(
+        database_url=migrated_database_url,
+        broker_url=redis_urls.broker_url,
+        redis_url=redis_urls.redis_url,
+        sandbox=sandbox,
+        log_dir=log_dir,
+    ) as running:
+        yield running

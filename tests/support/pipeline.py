@@ -1,0 +1,150 @@
+"""A running wxphone for integration tests: migrated database, sandbox, real worker processes.
+
+Producers in tests use a plain Celery client (no wxphone task imports), exactly as a web front
+end in another codebase would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.support.processes import ManagedProcess, base_environment, beat_process, worker_process
+from tests.support.waiting import wait_for
+from worker.db import make_engine, session_factory
+from worker.jobs.phone import JobPolicy
+from worker.producer import JobView, Producer
+from worker.sandbox.admin import SandboxAdmin
+
+APPS: dict[str, str] = {"wxpipeline000001": "pipeline-secret-1", "wxpipeline000002": "pipeline-secret-2"}
+FINGERPRINT_KEY = "pipeline-test-fingerprint-key"
+TERMINAL = {"succeeded", "failed"}
+
+
+def plain_celery_client(broker_url: str) -> Celery:
+    """A Celery client that knows wxphone only by task names."""
+    client = Celery("frontend", broker=broker_url, backend=broker_url)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    return client
+
+
+@dataclass
+class Pipeline:
+    """Handles on one running wxphone: settings, database, sandbox and its processes."""
+
+    database_url: str
+    broker_url: str
+    redis_url: str
+    sandbox: SandboxAdmin
+    log_dir: Path
+    settings: dict[str, Any]
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+    producer: Producer
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return base_environment(**self.settings)
+
+    def start_worker(self, name: str = "w1", *, concurrency: int = 2, **options: Any) -> ManagedProcess:
+        process = worker_process(
+            self.env, self.log_dir, name=name, concurrency=concurrency, **options
+        ).start()
+        self.processes.append(process)
+        process.wait_for_output("ready.", timeout_seconds=60)
+        return process
+
+    def start_beat(self, name: str = "beat") -> ManagedProcess:
+        process = beat_process(self.env, self.log_dir, name=name).start()
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+
+    def submit(self, appid: str, openid: str, code: str) -> str:
+        return self.producer.submit_phone_code(appid=appid, openid=openid, code=code)
+
+    def send_by_name(self, name: str, **kwargs: Any) -> str:
+        result = self.celery.send_task(name, kwargs=kwargs, queue="wxphone")
+        return str(result.id)
+
+    def wait_for_job(self, job_id: str, *, timeout_seconds: float = 60) -> JobView:
+        def finished() -> JobView | None:
+            job = self.producer.get_job(job_id)
+            return job if job is not None and job.status in TERMINAL else None
+
+        job = wait_for(finished, timeout_seconds=timeout_seconds, interval_seconds=0.1, what=f"job {job_id}")
+        assert job is not None
+        return job
+
+    def wait_for_jobs(self, job_ids: list[str], *, timeout_seconds: float = 120) -> list[JobView]:
+        return [self.wait_for_job(job_id, timeout_seconds=timeout_seconds) for job_id in job_ids]
+
+    def sandbox_endpoint(self, endpoint: str) -> Mapping[str, Any]:
+        stats: Mapping[str, Any] = self.sandbox.stats()["endpoints"].get(endpoint, {})
+        return stats
+
+    def count(self, sql: str, **params: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(text(sql), params).scalar_one())
+
+
+@contextmanager
+def running_pipeline(
+    *,
+    database_url: str,
+    broker_url: str,
+    redis_url: str,
+    sandbox: SandboxAdmin,
+    log_dir: Path,
+    **settings: Any,
+) -> Iterator[Pipeline]:
+    """Register the apps in the sandbox and yield a :class:`Pipeline` (no processes started yet)."""
+    for appid, secret in APPS.items():
+        sandbox.register_app(appid, secret)
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE users, phone_jobs, code_claims"))
+    all_settings: dict[str, Any] = {
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "redis_url": redis_url,
+        "wechat_api_base": sandbox.base_url,
+        "apps": ",".join(f"{appid}:{secret}" for appid, secret in APPS.items()),
+        "fingerprint_key": FINGERPRINT_KEY,
+        "log_level": "INFO",
+        **settings,
+    }
+    sessions = session_factory(engine)
+    celery = plain_celery_client(broker_url)
+    policy = JobPolicy(fingerprint_key=FINGERPRINT_KEY)
+    pipeline = Pipeline(
+        database_url=database_url,
+        broker_url=broker_url,
+        redis_url=redis_url,
+        sandbox=sandbox,
+        log_dir=log_dir,
+        settings=all_settings,
+        engine=engine,
+        sessions=sessions,
+        celery=celery,
+        producer=Producer(sessions=sessions, celery_app=celery, policy=policy),
+    )
+    try:
+        yield pipeline
+    finally:
+        pipeline.stop_all()
+        celery.close()
+        engine.dispose()
