@@ -474,6 +474,7 @@ def test_stats_count_calls_errcodes_and_code_presentations(sandbox: SandboxState
     sandbox.record("token", "wxnope", 40013)
     stats = sandbox.stats()
     assert stats["phone"] == {"calls": 5, "errcodes": {"0": 2, "40029": 2}, "faults_applied": 1}
+    assert stats["endpoints"]["phone"] == stats["phone"]
     assert stats["stable_token"]["tokens_issued"] == 1
     assert stats["token"] == {"calls": 1, "errcodes": {"40013": 1}, "faults_applied": 0, "tokens_issued": 0}
     assert stats["apps"][APP]["phone"]["calls"] == 4

@@ -278,6 +278,12 @@ class _PhoneCode:
 
 
 @dataclass(slots=True)
+class _QueuedFault:
+    fault: Fault
+    remaining: int
+
+
+@dataclass(slots=True)
 class _LoginCode:
     appid: str
     openid: str
@@ -353,7 +359,7 @@ class SandboxState:
         self._phone_code_count_at_sweep = 0
         self._login_codes: dict[str, _LoginCode] = {}
         self._login_code_count_at_sweep = 0
-        self._faults: dict[str, deque[list[Any]]] = {endpoint: deque() for endpoint in ENDPOINTS}
+        self._faults: dict[str, deque[_QueuedFault]] = {endpoint: deque() for endpoint in ENDPOINTS}
         self._stats: dict[str, _EndpointStats] = {endpoint: _EndpointStats() for endpoint in ENDPOINTS}
         self._app_stats: dict[str, dict[str, _EndpointStats]] = {}
         self._codes_exchanged = 0
@@ -413,8 +419,8 @@ class SandboxState:
     def add_fault(self, fault: Fault, times: int = 1) -> int:
         """Queue ``fault`` for the next ``times`` requests to its endpoint; return the queue length."""
         queue = self._faults[fault.endpoint]
-        queue.append([fault, times])
-        return sum(remaining for _, remaining in queue)
+        queue.append(_QueuedFault(fault, times))
+        return sum(entry.remaining for entry in queue)
 
     def clear_faults(self) -> None:
         """Drop every queued fault."""
@@ -424,9 +430,9 @@ class SandboxState:
     def pending_faults(self) -> list[dict[str, Any]]:
         """The queued faults with how many requests each still applies to."""
         return [
-            {**fault.as_dict(), "times": remaining}
+            {**entry.fault.as_dict(), "times": entry.remaining}
             for queue in self._faults.values()
-            for fault, remaining in queue
+            for entry in queue
         ]
 
     def take_fault(self, endpoint: str) -> Fault | None:
@@ -435,11 +441,10 @@ class SandboxState:
         if not queue:
             return None
         entry = queue[0]
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry.remaining -= 1
+        if entry.remaining <= 0:
             queue.popleft()
-        fault: Fault = entry[0]
-        return fault
+        return entry.fault
 
     def mint_phone_codes(self, payload: Mapping[str, object]) -> list[dict[str, str]]:
         """Create phone codes as if users had tapped the button; see the admin API for fields."""
@@ -538,8 +543,8 @@ class SandboxState:
             return self.error(43002)
         if not isinstance(payload, dict):
             return self.error(47001)
-        fields_ = {key: value for key, value in payload.items() if isinstance(value, str)}
-        appid, failure = self._check_credentials(fields_, "client_credential")
+        credentials = {key: value for key, value in payload.items() if isinstance(value, str)}
+        appid, failure = self._check_credentials(credentials, "client_credential")
         if failure:
             return failure
         force = payload.get("force_refresh", False)
