@@ -47,7 +47,15 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 
+#: Broker connections a worker process may open. Every pool slot may ack, publish a retry and
+#: read at once; kombu's default of 10 makes acks fail with MaxConnectionsError at high
+#: concurrency (those messages come back only after the visibility timeout).
+BROKER_MAX_CONNECTIONS = 512
+broker_pool_limit = BROKER_MAX_CONNECTIONS
+redis_max_connections = BROKER_MAX_CONNECTIONS
+
 broker_transport_options: dict[str, Any] = {
+    "max_connections": BROKER_MAX_CONNECTIONS,
     "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
     "socket_timeout": 10,
     "socket_connect_timeout": 5,

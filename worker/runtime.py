@@ -17,7 +17,7 @@ from requests.adapters import HTTPAdapter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.db import get_engine, session_factory
+from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
 from worker.settings import Settings, get_settings
 from worker.tokens.service import TokenService
@@ -80,8 +80,19 @@ class Runtime:
 
     @cached_property
     def engine(self) -> Engine:
-        """The PostgreSQL engine (pre-ping on; one per process)."""
-        return get_engine(self.settings.database_url)
+        """The PostgreSQL engine of this process (pre-ping on), sized by the settings."""
+        timeout_ms = int(self.settings.database_statement_timeout_seconds * 1000)
+        return make_engine(
+            self.settings.database_url,
+            pool_size=self.settings.database_pool_size,
+            max_overflow=self.settings.database_max_overflow,
+            connect_args={
+                "connect_timeout": 5,
+                "application_name": "wxphone",
+                # No statement may hang a worker thread: every query is bounded.
+                "options": f"-c statement_timeout={timeout_ms}",
+            },
+        )
 
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
@@ -106,6 +117,8 @@ class Runtime:
 
     def close(self) -> None:
         """Close pooled connections that were opened."""
+        if "engine" in self.__dict__:
+            self.engine.dispose()
         if "wechat_client" in self.__dict__:
             self.wechat_client.close()
         if "redis" in self.__dict__:

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
 
+    # Connection pools per worker process: sized for the pool's concurrency, not one per thread
+    # (transactions are short, so threads share connections).
+    database_pool_size: int = Field(default=10, gt=0)
+    database_max_overflow: int = Field(default=20, ge=0)
+    database_statement_timeout_seconds: float = Field(default=15.0, gt=0)
+
     # Worker process shape used by ``wxphone worker``.
     worker_pool: Literal["prefork", "threads", "gevent", "solo"] = "prefork"
     worker_concurrency: int | None = Field(default=None, gt=0)
