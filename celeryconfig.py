@@ -1,7 +1,10 @@
 """Celery settings for wxphone. Values come from :mod:`worker.settings`; nothing here reads the environment.
 
-Queues: ``wxphone`` carries phone and login jobs; ``wxphone.token`` carries token refreshes so a
-refresh never waits behind a backlog of jobs.
+Queues: ``wxphone`` carries phone and login jobs; ``wxphone.token`` carries token refreshes and
+the stuck-job sweep, so neither waits behind a backlog of jobs.
+
+Delivery is at-least-once: late acks, requeue when a pool child dies, one message reserved per
+pool slot, and one visibility timeout applied to the broker, the result backend and Celery.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ JOB_QUEUE = "wxphone"
 TOKEN_QUEUE = "wxphone.token"
 REFRESH_TASK_NAME = "wxphone.refresh_access_token"
 
-#: Hard limit for one task run; WeChat calls time out far sooner (connect + read timeout).
-TASK_TIME_LIMIT_SECONDS = 120
-TASK_SOFT_TIME_LIMIT_SECONDS = 90
-#: Unacked messages come back after this long. It must exceed the hard limit plus the longest
-#: retry countdown, or a still-running task is delivered a second time.
-VISIBILITY_TIMEOUT_SECONDS = 1800
+SWEEP_TASK_NAME = "wxphone.sweep_stuck_jobs"
+
+#: Hard and soft limits of one task run (enforced by the prefork pool; with the threads pool every
+#: blocking call carries its own timeout instead). WeChat calls time out far sooner.
+TASK_TIME_LIMIT_SECONDS = _settings.task_time_limit_seconds
+TASK_SOFT_TIME_LIMIT_SECONDS = _settings.task_soft_time_limit_seconds
+#: Unacked messages come back after this long. Settings validation guarantees it exceeds the
+#: hard limit plus the longest retry countdown, so a running task is never delivered twice.
+VISIBILITY_TIMEOUT_SECONDS = _settings.visibility_timeout_seconds
 
 broker_url = _settings.broker_url
 result_backend = _settings.broker_url
@@ -34,7 +40,10 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 task_default_queue = JOB_QUEUE
-task_routes: dict[str, dict[str, str]] = {REFRESH_TASK_NAME: {"queue": TOKEN_QUEUE}}
+task_routes: dict[str, dict[str, str]] = {
+    REFRESH_TASK_NAME: {"queue": TOKEN_QUEUE},
+    SWEEP_TASK_NAME: {"queue": TOKEN_QUEUE},
+}
 task_acks_late = True
 task_reject_on_worker_lost = True
 task_time_limit = TASK_TIME_LIMIT_SECONDS
@@ -76,5 +85,10 @@ beat_schedule: dict[str, dict[str, Any]] = {
         "task": REFRESH_TASK_NAME,
         "schedule": _settings.token_check_interval_seconds,
         "options": {"queue": TOKEN_QUEUE, "expires": _settings.token_check_interval_seconds},
-    }
+    },
+    "sweep-stuck-jobs": {
+        "task": SWEEP_TASK_NAME,
+        "schedule": _settings.sweep_interval_seconds,
+        "options": {"queue": TOKEN_QUEUE, "expires": _settings.sweep_interval_seconds},
+    },
 }

@@ -105,6 +105,9 @@ class Runtime:
             code_lifetime_seconds=self.settings.code_lifetime_seconds,
             retry_backoff_base_seconds=self.settings.retry_backoff_base_seconds,
             retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
+            stale_claim_seconds=self.settings.stale_claim_seconds,
+            final_write_retry_seconds=self.settings.final_write_retry_seconds,
+            rate_limit_window_seconds=self.settings.rate_limit_window_seconds,
         )
 
     @cached_property

@@ -93,6 +93,19 @@ class Settings(BaseSettings):
     retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
 
+    # Delivery: one hard limit per task run, one visibility timeout everywhere (broker, results,
+    # Celery). Checked below: visibility > hard limit + the longest retry countdown.
+    task_time_limit_seconds: float = Field(default=120.0, gt=0)
+    task_soft_time_limit_seconds: float = Field(default=100.0, gt=0)
+    visibility_timeout_seconds: float = Field(default=600.0, gt=0)
+    sweep_interval_seconds: float = Field(default=60.0, gt=0)
+
+    # Fleet-wide outgoing limits per (appid, API) per window; 0 means no local limit. A 45011
+    # from WeChat pauses that app's calls until the window ends.
+    rate_limit_window_seconds: float = Field(default=60.0, gt=0)
+    rate_limit_phone_per_window: int = Field(default=0, ge=0)
+    rate_limit_login_per_window: int = Field(default=0, ge=0)
+
     # Connection pools per worker process: sized for the pool's concurrency, not one per thread
     # (transactions are short, so threads share connections).
     database_pool_size: int = Field(default=10, gt=0)
@@ -139,9 +152,50 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
+        # Each rule names the variables to change; the values themselves are not secret.
         if self.token_lock_ttl_seconds <= 2 * self.http_timeout_total_seconds:
             raise ValueError("WXPHONE_TOKEN_LOCK_TTL_SECONDS must exceed twice the HTTP connect+read timeout")
+        if self.task_soft_time_limit_seconds >= self.task_time_limit_seconds:
+            raise ValueError(
+                "WXPHONE_TASK_SOFT_TIME_LIMIT_SECONDS must be below WXPHONE_TASK_TIME_LIMIT_SECONDS"
+            )
+        if self.http_timeout_total_seconds + self.token_wait_seconds >= self.task_soft_time_limit_seconds:
+            raise ValueError(
+                "WXPHONE_TASK_SOFT_TIME_LIMIT_SECONDS must exceed the HTTP connect+read timeout "
+                "plus WXPHONE_TOKEN_WAIT_SECONDS"
+            )
+        needed = self.task_time_limit_seconds + self.longest_retry_delay_seconds
+        if self.visibility_timeout_seconds <= needed:
+            raise ValueError(
+                f"WXPHONE_VISIBILITY_TIMEOUT_SECONDS must exceed the task time limit plus the "
+                f"longest retry delay ({needed:.0f}s), or running tasks are delivered twice"
+            )
         return self
+
+    @property
+    def stale_claim_seconds(self) -> float:
+        """A job claimed longer ago than this has lost its worker (no run outlives the hard limit)."""
+        return self.task_time_limit_seconds + 15.0
+
+    @property
+    def final_write_retry_seconds(self) -> float:
+        """How long a worker keeps retrying the commit of an exchanged phone number.
+
+        The code is spent by then, so the number exists nowhere else: ride out a database outage
+        for as long as the soft limit allows after the WeChat call and the token wait.
+        """
+        budget = self.task_soft_time_limit_seconds - self.http_timeout_total_seconds - self.token_wait_seconds
+        return max(5.0, budget - 5.0)
+
+    @property
+    def longest_retry_delay_seconds(self) -> float:
+        """The longest countdown any wxphone task asks for when it retries."""
+        return max(
+            self.retry_backoff_max_seconds,
+            self.rate_limit_window_seconds + 2.0,  # waiting out a 45011 or a local limit
+            self.stale_claim_seconds,  # waiting for another delivery's claim to go stale
+            30.0,  # database outage backoff (worker.jobs.tasks.DATABASE_RETRY_MAX_SECONDS)
+        )
 
     @property
     def http_timeout_total_seconds(self) -> float:

@@ -78,6 +78,8 @@ class JobPolicy:
     #: How long the final commit is retried in-process when PostgreSQL is unreachable: the
     #: code is spent by then, so giving up would lose the number.
     final_write_retry_seconds: float = 40.0
+    #: WeChat's per-minute window: a 45011 waits for the next one.
+    rate_limit_window_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -135,10 +137,16 @@ def resolve_phone_job(
     token_service: TokenService,
     client: WeChatClient,
     policy: JobPolicy,
+    redelivered: bool = False,
     clock: Callable[[], datetime] = utc_now,
 ) -> JobOutcome:
-    """Run one attempt of a phone-code job; see the module docstring for the steps."""
-    run = _JobRun(job_id, sessions, token_service, client, policy, clock)
+    """Run one attempt of a phone-code job; see the module docstring for the steps.
+
+    ``redelivered`` is the broker's word that the previous delivery of this very message died
+    (its worker was killed, or it outlived the visibility timeout, which exceeds any run): such a
+    delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
+    """
+    run = _JobRun(job_id, sessions, token_service, client, policy, clock, redelivered=redelivered)
     return run.execute(appid=appid, openid=openid, code=code)
 
 
@@ -153,7 +161,10 @@ class _JobRun:
         client: WeChatClient,
         policy: JobPolicy,
         clock: Callable[[], datetime],
+        *,
+        redelivered: bool,
     ) -> None:
+        self.redelivered = redelivered
         self.job_id = job_id
         self.sessions = sessions
         self.tokens = token_service
@@ -245,6 +256,8 @@ class _JobRun:
         """Compare-and-set the job to ``running``; or say why this run must not proceed."""
         now = self.clock()
         stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
+        # A redelivered message takes over from its dead predecessor without waiting.
+        takeover_before = now if self.redelivered else stale_before
         with self.sessions.begin() as session:
             row = session.execute(
                 update(PhoneJob)
@@ -253,7 +266,7 @@ class _JobRun:
                     (PhoneJob.status.in_(_CLAIMABLE))
                     | (
                         (PhoneJob.status == PhoneJobStatus.RUNNING.value)
-                        & (PhoneJob.claimed_at < stale_before)
+                        & (PhoneJob.claimed_at <= takeover_before)
                     ),
                 )
                 .values(
@@ -376,8 +389,7 @@ class _JobRun:
     def _backoff_seconds(self, error: RetryLaterError, attempts: int) -> float:
         if isinstance(error, WeChatRateLimitedError):
             # 45011 means "this minute is used up": wait for the next one, not a fixed backoff.
-            seconds_into_minute = time.time() % 60
-            return 60.0 - seconds_into_minute + random.uniform(0.0, 2.0)
+            return seconds_to_window_end(self.policy.rate_limit_window_seconds) + random.uniform(0.0, 2.0)
         exponential = self.policy.retry_backoff_base_seconds * 2 ** max(0, attempts - 1)
         return _jitter(min(self.policy.retry_backoff_max_seconds, exponential))
 
@@ -483,6 +495,12 @@ class _JobRun:
 _TERMINAL = [PhoneJobStatus.SUCCEEDED.value, PhoneJobStatus.FAILED.value]
 _CLAIMABLE = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RETRYING.value]
 _CLAIM_TERMINAL = {CodeClaimStatus.SUCCEEDED.value, CodeClaimStatus.FAILED.value}
+
+
+def seconds_to_window_end(window_seconds: float, now: float | None = None) -> float:
+    """Seconds until the current rate-limit window (aligned to the epoch) ends."""
+    current = time.time() if now is None else now
+    return window_seconds - (current % window_seconds)
 
 
 def _jitter(seconds: float) -> float:

@@ -51,6 +51,7 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             token_service=runtime.token_service,
             client=runtime.wechat_client,
             policy=runtime.job_policy,
+            redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
         )
     except DBAPIError as error:
         log.warning(
