@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
+from worker.limits import API_LOGIN, API_PHONE, CallGate
 from worker.settings import Settings, get_settings
 from worker.tokens.service import TokenService
 from worker.tokens.store import TokenStore
@@ -76,6 +77,18 @@ class Runtime:
             refresh_fraction=self.settings.token_refresh_fraction,
             lease_seconds=self.settings.token_lock_ttl_seconds,
             wait_seconds=self.settings.token_wait_seconds,
+        )
+
+    @cached_property
+    def gate(self) -> CallGate:
+        """Fleet-wide limits on WeChat calls (same Redis as the token store)."""
+        return CallGate(
+            self.redis,
+            limits_per_window={
+                API_PHONE: self.settings.rate_limit_phone_per_window,
+                API_LOGIN: self.settings.rate_limit_login_per_window,
+            },
+            window_seconds=self.settings.rate_limit_window_seconds,
         )
 
     @cached_property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,8 +20,10 @@ from models import User
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
 from worker.jobs.phone import JobPolicy
 from worker.jobs.validation import validate_login
+from worker.limits import API_LOGIN, CallGate, CircuitOpenError, LocallyRateLimitedError
 from worker.settings import AppCredentials
 from worker.wechat.client import WeChatClient
+from worker.wechat.errors import WeChatQuotaExhaustedError, WeChatRateLimitedError
 
 __all__ = ["LoginOutcome", "login_user"]
 
@@ -61,6 +64,7 @@ def login_user(
     client: WeChatClient,
     apps: Mapping[str, AppCredentials],
     policy: JobPolicy,
+    gate: CallGate | None = None,
 ) -> LoginOutcome:
     """Run one login attempt; retryable failures ask for another attempt with backoff."""
     try:
@@ -69,8 +73,21 @@ def login_user(
         return LoginOutcome("failed", error.error_code)
     credentials = apps[login.appid]
     try:
+        if gate is not None:
+            gate.acquire(login.appid, API_LOGIN)
+    except LocallyRateLimitedError as error:
+        # Held back by the fleet-wide limit: no call was made; try again when the window ends.
+        return LoginOutcome(
+            "retrying", error.error_code, appid=login.appid, retry_in_seconds=error.wait_seconds
+        )
+    except CircuitOpenError as error:
+        return LoginOutcome("failed", error.error_code, appid=login.appid)
+    try:
         result = client.code_to_session(appid=login.appid, secret=credentials.secret, js_code=login.js_code)
     except RetryLaterError as error:
+        if isinstance(error, WeChatRateLimitedError) and gate is not None:
+            with suppress(RetryLaterError):
+                gate.pause_until_window_end(login.appid, API_LOGIN)
         if attempt >= MAX_LOGIN_ATTEMPTS:
             return LoginOutcome("failed", "upstream_unavailable", appid=login.appid)
         delay = min(policy.retry_backoff_max_seconds, policy.retry_backoff_base_seconds * 2 ** (attempt - 1))
@@ -82,6 +99,9 @@ def login_user(
             retry_in_seconds=delay * random.uniform(0.5, 1.0),
         )
     except (RequestRejectedError, OperatorActionRequiredError) as error:
+        if isinstance(error, WeChatQuotaExhaustedError) and gate is not None:
+            with suppress(RetryLaterError):
+                gate.open_circuit(login.appid, API_LOGIN)
         if isinstance(error, OperatorActionRequiredError):
             log.error("login needs an operator: %s", error)
         return LoginOutcome("failed", error.error_code, appid=login.appid)

@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -47,9 +48,21 @@ from worker.jobs.validation import (
     display_identifier,
     validate_phone_job,
 )
+from worker.limits import (
+    API_PHONE,
+    CallGate,
+    CircuitOpenError,
+    LocallyRateLimitedError,
+    seconds_to_window_end,
+)
 from worker.tokens.service import TokenService
 from worker.wechat.client import WeChatClient
-from worker.wechat.errors import WeChatError, WeChatRateLimitedError, WeChatTransportError
+from worker.wechat.errors import (
+    WeChatError,
+    WeChatQuotaExhaustedError,
+    WeChatRateLimitedError,
+    WeChatTransportError,
+)
 from worker.wechat.types import PhoneInfo
 
 __all__ = ["JobOutcome", "JobPolicy", "record_submission", "resolve_phone_job"]
@@ -137,6 +150,7 @@ def resolve_phone_job(
     token_service: TokenService,
     client: WeChatClient,
     policy: JobPolicy,
+    gate: CallGate | None = None,
     redelivered: bool = False,
     clock: Callable[[], datetime] = utc_now,
 ) -> JobOutcome:
@@ -146,7 +160,7 @@ def resolve_phone_job(
     (its worker was killed, or it outlived the visibility timeout, which exceeds any run): such a
     delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
     """
-    run = _JobRun(job_id, sessions, token_service, client, policy, clock, redelivered=redelivered)
+    run = _JobRun(job_id, sessions, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
     return run.execute(appid=appid, openid=openid, code=code)
 
 
@@ -162,8 +176,10 @@ class _JobRun:
         policy: JobPolicy,
         clock: Callable[[], datetime],
         *,
+        gate: CallGate | None,
         redelivered: bool,
     ) -> None:
+        self.gate = gate
         self.redelivered = redelivered
         self.job_id = job_id
         self.sessions = sessions
@@ -200,6 +216,15 @@ class _JobRun:
         if deferred is not None:
             return deferred
         try:
+            if self.gate is not None:
+                self.gate.acquire(job.appid, API_PHONE)
+        except LocallyRateLimitedError as error:
+            return self._defer(job.appid, fingerprint, error, code_expires_at)
+        except CircuitOpenError as error:
+            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+        except RetryLaterError as error:
+            return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
+        try:
             info = self.tokens.call_with_token(
                 job.appid,
                 lambda token: self.client.get_phone_number(
@@ -211,6 +236,8 @@ class _JobRun:
         except (RequestRejectedError, OperatorActionRequiredError) as error:
             if isinstance(error, OperatorActionRequiredError):
                 log.error("phone job needs an operator: %s", error, extra={"job_id": self.job_id})
+            if isinstance(error, WeChatQuotaExhaustedError):
+                self._open_circuit(job.appid)
             return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
         except WxphoneError as error:  # TokenInvalidError cannot escape call_with_token; be safe
             return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
@@ -363,9 +390,44 @@ class _JobRun:
             self._settle_claim(session, appid, fingerprint, status, error_code, only_pending=True)
         return outcome
 
+    def _open_circuit(self, appid: str) -> None:
+        opened = False
+        if self.gate is not None:
+            with suppress(RetryLaterError):
+                opened = self.gate.open_circuit(appid, API_PHONE)
+        if opened or self.gate is None:
+            # One alert per circuit opening, not one per job.
+            log.error(
+                "OPERATOR ALERT: WeChat daily quota (45009) exhausted for %s; phone calls stop "
+                "until midnight Beijing time or `wxphone limits close-circuit`",
+                appid,
+                extra={"job_id": self.job_id},
+            )
+
+    def _defer(
+        self, appid: str, fingerprint: str, error: LocallyRateLimitedError, code_expires_at: datetime
+    ) -> JobOutcome:
+        """Hold the job back for the fleet-wide limit without counting an attempt (no call was made)."""
+        delay = error.wait_seconds + random.uniform(0.0, 1.0)
+        if self.clock() + timedelta(seconds=delay) >= code_expires_at:
+            return self._finish_exchange(
+                appid, fingerprint, None, "failed", None, error_code="upstream_unavailable"
+            )
+        with self.sessions.begin() as session:
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == self.job_id)
+                .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
+            )
+            self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
+        return JobOutcome(self.job_id, "retrying", error.error_code, retry_in_seconds=delay)
+
     def _retry_or_give_up(
         self, appid: str, fingerprint: str, error: RetryLaterError, attempts: int, code_expires_at: datetime
     ) -> JobOutcome:
+        if isinstance(error, WeChatRateLimitedError) and self.gate is not None:
+            with suppress(RetryLaterError):
+                self.gate.pause_until_window_end(appid, API_PHONE)
         delay = self._backoff_seconds(error, attempts)
         rid = error.rid if isinstance(error, WeChatError) else None
         lost_reply = isinstance(error, WeChatTransportError) and error.maybe_processed
@@ -389,7 +451,8 @@ class _JobRun:
     def _backoff_seconds(self, error: RetryLaterError, attempts: int) -> float:
         if isinstance(error, WeChatRateLimitedError):
             # 45011 means "this minute is used up": wait for the next one, not a fixed backoff.
-            return seconds_to_window_end(self.policy.rate_limit_window_seconds) + random.uniform(0.0, 2.0)
+            window_end = seconds_to_window_end(self.policy.rate_limit_window_seconds, time.time())
+            return window_end + random.uniform(0.0, 2.0)
         exponential = self.policy.retry_backoff_base_seconds * 2 ** max(0, attempts - 1)
         return _jitter(min(self.policy.retry_backoff_max_seconds, exponential))
 
@@ -495,12 +558,6 @@ class _JobRun:
 _TERMINAL = [PhoneJobStatus.SUCCEEDED.value, PhoneJobStatus.FAILED.value]
 _CLAIMABLE = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RETRYING.value]
 _CLAIM_TERMINAL = {CodeClaimStatus.SUCCEEDED.value, CodeClaimStatus.FAILED.value}
-
-
-def seconds_to_window_end(window_seconds: float, now: float | None = None) -> float:
-    """Seconds until the current rate-limit window (aligned to the epoch) ends."""
-    current = time.time() if now is None else now
-    return window_seconds - (current % window_seconds)
 
 
 def _jitter(seconds: float) -> float:

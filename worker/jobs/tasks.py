@@ -51,6 +51,7 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             token_service=runtime.token_service,
             client=runtime.wechat_client,
             policy=runtime.job_policy,
+            gate=runtime.gate,
             redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
         )
     except DBAPIError as error:
@@ -77,6 +78,7 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             client=runtime.wechat_client,
             apps=runtime.settings.apps_by_id,
             policy=runtime.job_policy,
+            gate=runtime.gate,
         )
     except DBAPIError as error:
         log.warning(
