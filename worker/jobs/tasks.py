@@ -18,13 +18,15 @@ from sqlalchemy.exc import DBAPIError
 
 from worker.app import app
 from worker.jobs.login import login_user
-from worker.jobs.phone import resolve_phone_job
+from worker.jobs.phone import resolve_phone_job, utc_now
+from worker.jobs.sweep import sweep_stuck_jobs as sweep_stuck
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
 RESOLVE_PHONE = "wxphone.resolve_phone"
 LOGIN = "wxphone.login"
+SWEEP_STUCK_JOBS = "wxphone.sweep_stuck_jobs"
 #: Database outages before the exchange are retried with this backoff (seconds, capped).
 DATABASE_RETRY_MAX_SECONDS = 30.0
 
@@ -88,3 +90,12 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if outcome.retry_in_seconds is not None:
         raise self.retry(countdown=outcome.retry_in_seconds)
     return outcome.as_result()
+
+
+@app.task(name=SWEEP_STUCK_JOBS, ignore_result=True)
+def sweep_stuck_jobs() -> dict[str, int]:
+    """Close jobs stuck past their code's life (scheduled by beat on queue ``wxphone.token``)."""
+    runtime = get_runtime()
+    return sweep_stuck(
+        sessions=runtime.sessions, stale_claim_seconds=runtime.settings.stale_claim_seconds, now=utc_now()
+    )

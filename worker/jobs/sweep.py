@@ -1,0 +1,70 @@
+"""Closing jobs that can no longer finish by themselves.
+
+A job whose worker died is normally taken over by its redelivered message. This sweep is the
+backstop for everything else (a message lost with a Redis crash, a whole host gone for longer
+than the code lives): once a job's code has expired *and* any run that could still hold it has
+ended (no run outlives the hard time limit), the job is closed with the error that tells the
+truth. wxphone never stores a code, so a sweep can only close jobs, never re-run them:
+
+* ``worker_lost``: its code may have reached WeChat (the job's code claim was ``exchanging``);
+  whether WeChat consumed it is unknown;
+* ``code_expired``: its code never reached WeChat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import CodeClaim, PhoneJob
+from models.code_claim import CodeClaimStatus
+from models.phone_job import PhoneJobStatus
+
+__all__ = ["SWEEP_BATCH_SIZE", "sweep_stuck_jobs"]
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH_SIZE = 500
+_OPEN_JOB = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RUNNING.value, PhoneJobStatus.RETRYING.value]
+_OPEN_CLAIM = [CodeClaimStatus.PENDING.value, CodeClaimStatus.EXCHANGING.value]
+
+
+def sweep_stuck_jobs(
+    *, sessions: sessionmaker[Session], stale_claim_seconds: float, now: datetime
+) -> dict[str, int]:
+    """Close one batch of jobs stuck past their code's life; return counts by error code."""
+    cutoff = now - timedelta(seconds=stale_claim_seconds)
+    closed: Counter[str] = Counter()
+    with sessions.begin() as session:
+        stuck = session.execute(
+            select(PhoneJob.job_id, PhoneJob.appid, PhoneJob.code_fingerprint)
+            .where(PhoneJob.status.in_(_OPEN_JOB), PhoneJob.code_expires_at < cutoff)
+            .order_by(PhoneJob.code_expires_at)
+            .limit(SWEEP_BATCH_SIZE)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job_id, appid, fingerprint in stuck:
+            claim = session.execute(
+                select(CodeClaim)
+                .where(CodeClaim.appid == appid, CodeClaim.code_fingerprint == fingerprint)
+                .with_for_update()
+            ).scalar_one_or_none()
+            owns_claim = claim is not None and claim.job_id == job_id
+            exchanging = owns_claim and claim is not None and claim.status == CodeClaimStatus.EXCHANGING.value
+            error_code = "worker_lost" if exchanging else "code_expired"
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == job_id, PhoneJob.status.in_(_OPEN_JOB))
+                .values(status=PhoneJobStatus.FAILED.value, error_code=error_code, finished_at=now)
+            )
+            if owns_claim and claim is not None and claim.status in _OPEN_CLAIM:
+                claim.status = CodeClaimStatus.FAILED.value
+                claim.error_code = error_code
+            closed[error_code] += 1
+    if closed:
+        log.warning("closed stuck jobs: %s", dict(closed))
+    return dict(closed)
