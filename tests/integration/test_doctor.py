@@ -1,0 +1,73 @@
+"""``wxphone doctor`` finds what breaks delivery guarantees, and passes a healthy deployment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.support.processes import WXPHONE, base_environment
+from tests.support.services import RedisServer, create_database, drop_database
+
+
+def run_doctor(**settings: object) -> tuple[int, dict[str, dict[str, str]]]:
+    completed = subprocess.run(
+        [*WXPHONE, "doctor", "--json"],
+        env=base_environment(**settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    findings = {entry["check"]: entry for entry in json.loads(completed.stdout)}
+    return completed.returncode, findings
+
+
+def test_doctor_passes_a_healthy_deployment_and_fails_each_broken_part(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    volatile = RedisServer(tmp_path / "volatile", appendonly=False)
+    durable.start()
+    volatile.start()
+    empty_database = create_database()
+    try:
+        healthy = {
+            "apps": "wxdoctor00000001:doctor-secret-1",
+            "broker_url": durable.url(0),
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+            "wechat_api_base": "http://127.0.0.1:9",
+        }
+        code, findings = run_doctor(**healthy)
+        assert code == 0, findings
+        assert findings["broker persistence"]["verdict"] == "ok"
+        assert findings["WeChat API"]["verdict"] == "warn"  # a sandbox, not WeChat
+
+        code, findings = run_doctor(**{**healthy, "broker_url": volatile.url(0)})
+        assert code == 1
+        assert findings["broker persistence"]["verdict"] == "fail"
+
+        with durable.client() as conn:
+            conn.config_set("maxmemory-policy", "allkeys-lru")
+        code, findings = run_doctor(**healthy)
+        assert code == 1
+        assert findings["broker eviction"]["verdict"] == "fail"
+        with durable.client() as conn:
+            conn.config_set("maxmemory-policy", "noeviction")
+
+        code, findings = run_doctor(**{**healthy, "database_url": empty_database})
+        assert code == 1
+        assert "wxphone db upgrade" in findings["database schema"]["detail"]
+
+        code, findings = run_doctor(**{**healthy, "apps": None})
+        assert code == 1
+        assert findings["apps"]["verdict"] == "fail"
+
+        volatile.stop()
+        code, findings = run_doctor(**{**healthy, "redis_url": volatile.url(1)})
+        assert code == 1
+        assert findings["token store"]["verdict"] == "fail"
+    finally:
+        durable.stop()
+        volatile.stop()
+        drop_database(empty_database)

@@ -1,0 +1,125 @@
+"""Pre-flight checks of a wxphone deployment (``wxphone doctor``).
+
+Each check returns a :class:`Finding`; any ``fail`` makes the command exit non-zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from worker.db import SchemaNotAtHeadError, check_schema_at_head, describe_database, make_engine
+from worker.settings import Settings
+
+__all__ = ["OFFICIAL_API_BASE", "Finding", "run_checks"]
+
+OFFICIAL_API_BASE = "https://api.weixin.qq.com"
+Verdict = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one check."""
+
+    check: str
+    verdict: Verdict
+    detail: str
+
+
+def _redis_location(url: str) -> str:
+    connection = redis.Redis.from_url(url).connection_pool.connection_kwargs
+    return f"{connection.get('host', 'localhost')}:{connection.get('port', 6379)}/{connection.get('db', 0)}"
+
+
+def _check_redis(name: str, url: str, *, needs_persistence: bool) -> Iterator[Finding]:
+    where = _redis_location(url)
+    try:
+        with redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3) as conn:
+            conn.ping()
+            try:
+                appendonly = conn.config_get("appendonly").get("appendonly")
+                policy = conn.config_get("maxmemory-policy").get("maxmemory-policy")
+            except redis.ResponseError:
+                yield Finding(
+                    f"{name} settings", "warn", f"{where}: CONFIG is disabled; check AOF and eviction by hand"
+                )
+                return
+    except redis.RedisError as error:
+        yield Finding(name, "fail", f"{where} unreachable ({type(error).__name__})")
+        return
+    yield Finding(name, "ok", f"{where} answers")
+    if policy == "noeviction":
+        yield Finding(f"{name} eviction", "ok", "maxmemory-policy noeviction")
+    else:
+        yield Finding(
+            f"{name} eviction",
+            "fail",
+            f"maxmemory-policy is {policy}: Redis may evict queued jobs or tokens; set noeviction",
+        )
+    if needs_persistence:
+        if appendonly == "yes":
+            yield Finding(f"{name} persistence", "ok", "appendonly yes (AOF)")
+        else:
+            yield Finding(
+                f"{name} persistence",
+                "fail",
+                "appendonly is no: queued and unacknowledged jobs are lost if Redis restarts; "
+                "set appendonly yes and appendfsync everysec",
+            )
+
+
+def _check_database(settings: Settings) -> Iterator[Finding]:
+    where = describe_database(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+    try:
+        check_schema_at_head(engine)
+    except SchemaNotAtHeadError as error:
+        yield Finding("database schema", "fail", str(error))
+        return
+    except SQLAlchemyError as error:
+        yield Finding("database", "fail", f"{where} unreachable ({type(error).__name__})")
+        return
+    finally:
+        engine.dispose()
+    yield Finding("database", "ok", f"{where} at the latest schema revision")
+
+
+def _check_apps(settings: Settings) -> Iterator[Finding]:
+    if not settings.apps:
+        yield Finding("apps", "fail", "WXPHONE_APPS is empty: no mini program to serve")
+    else:
+        yield Finding("apps", "ok", ", ".join(app.appid for app in settings.apps))
+
+
+def _check_api_base(settings: Settings) -> Iterator[Finding]:
+    if settings.wechat_api_base == OFFICIAL_API_BASE:
+        yield Finding("WeChat API", "ok", f"{settings.wechat_api_base} (the real WeChat)")
+    else:
+        yield Finding("WeChat API", "warn", f"{settings.wechat_api_base} (not WeChat: a sandbox or a proxy)")
+
+
+def _check_delivery(settings: Settings) -> Iterator[Finding]:
+    yield Finding(
+        "delivery",
+        "ok",
+        f"visibility timeout {settings.visibility_timeout_seconds:.0f}s > hard limit "
+        f"{settings.task_time_limit_seconds:.0f}s + longest retry "
+        f"{settings.longest_retry_delay_seconds:.0f}s",
+    )
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    """Every check, in a stable order."""
+    checks: list[Callable[[], Iterator[Finding]]] = [
+        lambda: _check_apps(settings),
+        lambda: _check_api_base(settings),
+        lambda: _check_delivery(settings),
+        lambda: _check_redis("broker", settings.broker_url, needs_persistence=True),
+        lambda: _check_redis("token store", settings.redis_url, needs_persistence=False),
+        lambda: _check_database(settings),
+    ]
+    return [finding for check in checks for finding in check()]
