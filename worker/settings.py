@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     code_lifetime_seconds: float = Field(default=300.0, gt=0)
     retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    database_retry_max_seconds: float = Field(default=30.0, gt=0)
 
     # Delivery: one hard limit per task run, one visibility timeout everywhere (broker, results,
     # Celery). Checked below: visibility > hard limit + the longest retry countdown.
@@ -194,7 +195,7 @@ class Settings(BaseSettings):
             self.retry_backoff_max_seconds,
             self.rate_limit_window_seconds + 2.0,  # waiting out a 45011 or a local limit
             self.stale_claim_seconds,  # waiting for another delivery's claim to go stale
-            30.0,  # database outage backoff (worker.jobs.tasks.DATABASE_RETRY_MAX_SECONDS)
+            self.database_retry_max_seconds,  # backoff while PostgreSQL is unreachable
         )
 
     @property

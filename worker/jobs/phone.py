@@ -59,6 +59,7 @@ from worker.tokens.service import TokenService
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import (
     WeChatError,
+    WeChatInvalidCodeError,
     WeChatQuotaExhaustedError,
     WeChatRateLimitedError,
     WeChatTransportError,
@@ -72,6 +73,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OutcomeStatus = Literal["succeeded", "failed", "retrying", "running"]
+
+#: The error of a job whose code WeChat refused after an earlier exchange's reply was lost.
+REPLY_LOST_ERROR_CODE = "reply_lost"
 
 
 @dataclass(frozen=True)
@@ -476,7 +480,16 @@ class _JobRun:
             if result is not None:
                 openid, info = result
                 _upsert_phone(session, appid=appid, openid=openid, info=info, now=now)
-            values: dict[str, Any] = {"status": status, "error_code": code, "finished_at": now}
+            final_code = code
+            if code == WeChatInvalidCodeError.error_code:
+                # 40029 after an exchange whose reply was lost: WeChat most likely consumed the
+                # code on that earlier exchange. Say so, rather than blame the front end's code.
+                lost = session.execute(
+                    select(PhoneJob.lost_replies).where(PhoneJob.job_id == self.job_id)
+                ).scalar_one_or_none()
+                if lost:
+                    final_code = REPLY_LOST_ERROR_CODE
+            values: dict[str, Any] = {"status": status, "error_code": final_code, "finished_at": now}
             if last_rid:
                 values["last_rid"] = last_rid
             session.execute(
@@ -484,8 +497,8 @@ class _JobRun:
                 .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
                 .values(**values)
             )
-            self._settle_claim(session, appid, fingerprint, status, code, only_pending=False)
-            return JobOutcome(self.job_id, status, code)
+            self._settle_claim(session, appid, fingerprint, status, final_code, only_pending=False)
+            return JobOutcome(self.job_id, status, final_code)
 
         return self._commit_with_retry(write)
 

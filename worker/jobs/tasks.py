@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 RESOLVE_PHONE = "wxphone.resolve_phone"
 LOGIN = "wxphone.login"
 SWEEP_STUCK_JOBS = "wxphone.sweep_stuck_jobs"
-#: Database outages before the exchange are retried with this backoff (seconds, capped).
-DATABASE_RETRY_MAX_SECONDS = 30.0
 
 
 def _database_backoff(retries: int) -> float:
-    return min(DATABASE_RETRY_MAX_SECONDS, 2.0**retries) * random.uniform(0.5, 1.0)
+    """Backoff while PostgreSQL is unreachable (before any exchange), capped by the settings."""
+    ceiling = get_runtime().settings.database_retry_max_seconds
+    return min(ceiling, 2.0**retries) * random.uniform(0.5, 1.0)
 
 
 @app.task(name=RESOLVE_PHONE, bind=True, max_retries=None)
