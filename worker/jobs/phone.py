@@ -165,7 +165,14 @@ def resolve_phone_job(
     delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
     """
     run = _JobRun(job_id, sessions, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
-    return run.execute(appid=appid, openid=openid, code=code)
+    try:
+        return run.execute(appid=appid, openid=openid, code=code)
+    except DBAPIError:
+        raise  # the task retries database outages with backoff
+    except Exception:
+        # A bug must not leave the job running until the sweep: record it as failed now.
+        log.exception("phone job failed unexpectedly", extra={"job_id": job_id})
+        return run.fail_unexpectedly()
 
 
 class _JobRun:
@@ -214,6 +221,10 @@ class _JobRun:
         if isinstance(claimed, JobOutcome):
             return claimed
         attempts, code_expires_at = claimed
+        if attempts > self.policy.max_attempts:
+            # Bounded requeue: a job whose runs keep dying (a worker OOM-killed on it, say) stops
+            # here instead of looping for ever; brokers do not count redeliveries.
+            return self._finish_without_exchange(job.appid, fingerprint, "failed", "too_many_attempts")
         if self.clock() >= code_expires_at:
             return self._finish_without_exchange(job.appid, fingerprint, "failed", "code_expired")
         deferred = self._claim_code(job.appid, fingerprint, code_expires_at)
@@ -251,6 +262,22 @@ class _JobRun:
                 job.appid, fingerprint, None, "failed", None, error_code="watermark_mismatch"
             )
         return self._finish_exchange(job.appid, fingerprint, (job.openid, info), "succeeded", None)
+
+    def fail_unexpectedly(self) -> JobOutcome:
+        """Close the job as ``internal_error`` (and its code claim, if it owns one)."""
+        now = self.clock()
+        with self.sessions.begin() as session:
+            session.execute(
+                update(PhoneJob)
+                .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
+                .values(status=PhoneJobStatus.FAILED.value, error_code="internal_error", finished_at=now)
+            )
+            session.execute(
+                update(CodeClaim)
+                .where(CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL)))
+                .values(status=CodeClaimStatus.FAILED.value, error_code="internal_error")
+            )
+        return self._stored_outcome()
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -362,10 +389,11 @@ class _JobRun:
             if self.clock() >= code_expires_at + timedelta(seconds=self.policy.stale_claim_seconds):
                 # The first submission never finished; its code is long dead.
                 return self._finish_in(session, "failed", "code_expired")
+            # Waiting for the first submission is not an attempt at WeChat: do not count it.
             session.execute(
                 update(PhoneJob)
                 .where(PhoneJob.job_id == self.job_id)
-                .values(status=PhoneJobStatus.RETRYING.value)
+                .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
             )
         return JobOutcome(
             self.job_id, "retrying", None, retry_in_seconds=_jitter(self.policy.duplicate_poll_seconds)
