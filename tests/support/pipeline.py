@@ -6,6 +6,7 @@ end in another codebase would.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from celery import Celery
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.support.processes import ManagedProcess, base_environment, beat_process, worker_process
+from tests.support.processes import WXPHONE, ManagedProcess, base_environment, beat_process, worker_process
 from tests.support.waiting import wait_for
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
@@ -148,3 +149,74 @@ def running_pipeline(
         pipeline.stop_all()
         celery.close()
         engine.dispose()
+
+
+# -- helpers for pipeline tests ---------------------------------------------------------------
+
+#: Worker settings that make retry backoff short enough for tests (seconds).
+FAST_RETRY_SETTINGS: dict[str, Any] = {"retry_backoff_base_seconds": 0.2, "retry_backoff_max_seconds": 0.5}
+
+
+@dataclass(frozen=True)
+class EndpointCounts:
+    """One sandbox endpoint's counters: requests, errcodes received (keys as strings), tokens."""
+
+    calls: int
+    errcodes: dict[str, int]
+    tokens_issued: int
+
+
+def endpoint_counts(sandbox: SandboxAdmin, endpoint: str) -> EndpointCounts:
+    stats = sandbox.stats()["endpoints"].get(endpoint, {})
+    return EndpointCounts(
+        calls=int(stats.get("calls", 0)),
+        errcodes={str(key): int(value) for key, value in stats.get("errcodes", {}).items()},
+        tokens_issued=int(stats.get("tokens_issued", 0)),
+    )
+
+
+def phone_job_row(pipeline: Pipeline, job_id: str) -> dict[str, Any] | None:
+    """Every column of one ``phone_jobs`` row, or None."""
+    with pipeline.engine.connect() as conn:
+        row = (
+            conn.execute(text("SELECT * FROM phone_jobs WHERE job_id = :job_id"), {"job_id": job_id})
+            .mappings()
+            .one_or_none()
+        )
+    return dict(row) if row is not None else None
+
+
+def user_row(pipeline: Pipeline, appid: str, openid: str) -> dict[str, Any] | None:
+    """Every column of one ``users`` row, or None."""
+    with pipeline.engine.connect() as conn:
+        row = (
+            conn.execute(
+                text("SELECT * FROM users WHERE appid = :appid AND openid = :openid"),
+                {"appid": appid, "openid": openid},
+            )
+            .mappings()
+            .one_or_none()
+        )
+    return dict(row) if row is not None else None
+
+
+def producer_with_policy(pipeline: Pipeline, **policy: Any) -> Producer:
+    """A producer on the pipeline's database and broker with its own :class:`JobPolicy` timing
+    (``code_lifetime_seconds=...``): a job's code expiry is fixed by whoever records it first."""
+    return Producer(
+        sessions=pipeline.sessions,
+        celery_app=pipeline.celery,
+        policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY, **policy),
+    )
+
+
+def run_cli(pipeline: Pipeline, *args: str, timeout_seconds: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``wxphone ARGS...`` as a subprocess with the pipeline's settings."""
+    return subprocess.run(
+        [*WXPHONE, *args],
+        env=pipeline.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_seconds,
+        check=False,
+    )

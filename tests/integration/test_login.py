@@ -1,0 +1,107 @@
+"""wxphone.login by name: code2Session, the user upserted with openid/unionid, no session_key anywhere."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import text
+
+from tests.support.pipeline import FAST_RETRY_SETTINGS, Pipeline, endpoint_counts, user_row
+
+APPID = "wxpipeline000001"
+LOGIN = "wxphone.login"
+RESULT_KEYS = {"status", "error_code", "appid", "openid", "unionid"}
+#: A session_key is a base64-encoded 16-byte AES key: 22 characters and "==".
+SESSION_KEY_SHAPE = re.compile(r"[A-Za-z0-9+/]{22}==")
+
+
+def login(pipeline: Pipeline, **kwargs: Any) -> dict[str, Any]:
+    task_id = pipeline.send_by_name(LOGIN, **kwargs)
+    result: dict[str, Any] = pipeline.celery.AsyncResult(task_id).get(timeout=30)
+    assert set(result) == RESULT_KEYS
+    return result
+
+
+def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipeline) -> None:
+    # DEBUG: even the HTTP library's request lines are in the log, and must not carry secrets.
+    pipeline.settings.update(FAST_RETRY_SETTINGS, log_level="DEBUG")
+    process = pipeline.start_worker()
+    openid, unionid = "oLoginUser0001", "uLoginUnion0001"
+    js_code, minted_openid = pipeline.sandbox.mint_login_code(APPID, openid=openid, unionid=unionid)
+    assert minted_openid == openid
+    pipeline.sandbox.inject_fault("login", errcode=-1)  # busy once: the login is retried
+
+    assert login(pipeline, appid=APPID, js_code=js_code) == {
+        "status": "succeeded",
+        "error_code": None,
+        "appid": APPID,
+        "openid": openid,
+        "unionid": unionid,
+    }
+    user = user_row(pipeline, APPID, openid)
+    assert user is not None
+    assert (user["unionid"], user["phone_number"], user["phone_verified_at"]) == (unionid, None, None)
+
+    # A reused code, a high-risk user, an unknown app, a missing code: failures, not crashes.
+    high_risk_code, _ = pipeline.sandbox.mint_login_code(APPID, high_risk=True)
+    failures = [
+        (login(pipeline, appid=APPID, js_code=js_code), "invalid_code", APPID),
+        (login(pipeline, appid=APPID, js_code=high_risk_code), "high_risk_user", APPID),
+        (login(pipeline, appid="wxunknown0000001", js_code=js_code), "app_not_configured", None),
+        (login(pipeline, appid=APPID, js_code=""), "invalid_input", None),
+        (login(pipeline, appid=APPID), "invalid_input", None),
+    ]
+    for result, error_code, appid in failures:
+        assert result == {
+            "status": "failed",
+            "error_code": error_code,
+            "appid": appid,
+            "openid": None,
+            "unionid": None,
+        }
+    calls = endpoint_counts(pipeline.sandbox, "login")
+    assert (calls.calls, calls.errcodes) == (4, {"-1": 1, "0": 1, "40029": 1, "40226": 1})
+    assert pipeline.count("SELECT count(*) FROM users") == 1
+
+    # The phone number then lands on the same user row, next to the unionid.
+    number = "13500005555"
+    phone_code = pipeline.sandbox.mint_phone_code(APPID, phone_number=number, pure_phone_number=number)
+    assert pipeline.wait_for_job(pipeline.submit(APPID, openid, phone_code)).status == "succeeded"
+    with_phone = user_row(pipeline, APPID, openid)
+    assert with_phone is not None
+    assert (with_phone["id"], with_phone["unionid"], with_phone["phone_number"]) == (
+        user["id"],
+        unionid,
+        number,
+    )
+
+    # A later login without unionid (WeChat omits it for some apps) keeps what is known.
+    again_code, _ = pipeline.sandbox.mint_login_code(APPID, openid=openid)
+    assert login(pipeline, appid=APPID, js_code=again_code)["unionid"] is None
+    after = user_row(pipeline, APPID, openid)
+    assert after is not None
+    assert (after["id"], after["unionid"], after["phone_number"]) == (user["id"], unionid, number)
+
+    # The session_key is neither logged nor stored.
+    output = process.output()
+    assert "session_key" not in output
+    assert SESSION_KEY_SHAPE.search(output) is None
+    assert js_code not in output and number not in output
+    with pipeline.engine.connect() as conn:
+        columns = conn.execute(
+            text("SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'")
+        ).scalars()
+        assert not [column for column in columns if "session" in column]
+
+    # Positional arguments are not part of the interface. (Last: at DEBUG, Celery logs the
+    # sender's own repr of positional arguments, which no key-based redaction can recognise.)
+    positional = pipeline.celery.send_task(LOGIN, args=[APPID, js_code], queue="wxphone")
+    assert positional.get(timeout=30) == {
+        "status": "failed",
+        "error_code": "invalid_input",
+        "appid": None,
+        "openid": None,
+        "unionid": None,
+    }
+    assert endpoint_counts(pipeline.sandbox, "login").calls == 5
