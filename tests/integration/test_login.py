@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tests.support.pipeline import FAST_RETRY_SETTINGS, Pipeline, endpoint_counts, user_row
+from tests.support.pipeline import FAST_RETRY_SETTINGS, Pipeline, endpoint_counts
 
 APPID = "wxpipeline000001"
 LOGIN = "wxphone.login"
@@ -39,9 +39,10 @@ def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipe
         "openid": openid,
         "unionid": unionid,
     }
-    user = user_row(pipeline, APPID, openid)
+    user_id = pipeline.count("SELECT id FROM users WHERE openid = :openid", openid=openid)
+    user = pipeline.producer.get_user(appid=APPID, openid=openid)
     assert user is not None
-    assert (user["unionid"], user["phone_number"], user["phone_verified_at"]) == (unionid, None, None)
+    assert (user.unionid, user.phone_number, user.phone_verified_at) == (unionid, None, None)
 
     # A reused code, a high-risk user, an unknown app, a missing code: failures, not crashes.
     high_risk_code, _ = pipeline.sandbox.mint_login_code(APPID, high_risk=True)
@@ -68,20 +69,18 @@ def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipe
     number = "13500005555"
     phone_code = pipeline.sandbox.mint_phone_code(APPID, phone_number=number, pure_phone_number=number)
     assert pipeline.wait_for_job(pipeline.submit(APPID, openid, phone_code)).status == "succeeded"
-    with_phone = user_row(pipeline, APPID, openid)
+    with_phone = pipeline.producer.get_user(appid=APPID, openid=openid)
     assert with_phone is not None
-    assert (with_phone["id"], with_phone["unionid"], with_phone["phone_number"]) == (
-        user["id"],
-        unionid,
-        number,
-    )
+    assert pipeline.count("SELECT id FROM users WHERE openid = :openid", openid=openid) == user_id
+    assert (with_phone.unionid, with_phone.phone_number) == (unionid, number)
 
     # A later login without unionid (WeChat omits it for some apps) keeps what is known.
     again_code, _ = pipeline.sandbox.mint_login_code(APPID, openid=openid)
     assert login(pipeline, appid=APPID, js_code=again_code)["unionid"] is None
-    after = user_row(pipeline, APPID, openid)
+    after = pipeline.producer.get_user(appid=APPID, openid=openid)
     assert after is not None
-    assert (after["id"], after["unionid"], after["phone_number"]) == (user["id"], unionid, number)
+    assert pipeline.count("SELECT id FROM users WHERE openid = :openid", openid=openid) == user_id
+    assert (after.unionid, after.phone_number) == (unionid, number)
 
     # The session_key is neither logged nor stored.
     output = process.output()

@@ -61,8 +61,8 @@ def test_transient_failures_are_retried_until_the_exchange_succeeds(pipeline: Pi
         assert (job.status, job.error_code, job.attempts) == ("succeeded", None, attempts), what
         calls += attempts
         assert endpoint_counts(pipeline.sandbox, "phone").calls == calls, what
-        user = user_row(pipeline, APPID, openid)
-        assert user is not None and user["phone_number"] == number, what
+        user = pipeline.producer.get_user(appid=APPID, openid=openid)
+        assert user is not None and user.phone_number == number, what
     phone = endpoint_counts(pipeline.sandbox, "phone")
     assert phone.errcodes == {"-1": 2, "0": 3}  # the transport faults carry no errcode
     assert pipeline.sandbox.stats()["codes_exchanged"] == 3

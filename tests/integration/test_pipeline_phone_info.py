@@ -22,25 +22,27 @@ def test_phone_info_is_stored_verbatim_with_a_string_country_code(pipeline: Pipe
     for job_id in (numeric_id, hong_kong_id):
         job = pipeline.wait_for_job(job_id, timeout_seconds=30)
         assert (job.status, job.error_code, job.attempts) == ("succeeded", None, 1)
-    numeric_user = user_row(pipeline, APPID, "oNumericCC001")
-    hong_kong_user = user_row(pipeline, APPID, "oHongKong0001")
+    numeric_user = pipeline.producer.get_user(appid=APPID, openid="oNumericCC001")
+    hong_kong_user = pipeline.producer.get_user(appid=APPID, openid="oHongKong0001")
     assert numeric_user is not None and hong_kong_user is not None
     assert (
-        numeric_user["phone_number"],
-        numeric_user["pure_phone_number"],
-        numeric_user["country_code"],
+        numeric_user.phone_number,
+        numeric_user.pure_phone_number,
+        numeric_user.country_code,
     ) == (
         "13800001111",
         "13800001111",
         "86",
     )
     assert (
-        hong_kong_user["phone_number"],
-        hong_kong_user["pure_phone_number"],
-        hong_kong_user["country_code"],
+        hong_kong_user.phone_number,
+        hong_kong_user.pure_phone_number,
+        hong_kong_user.country_code,
     ) == ("+85291234567", "91234567", "852")
-    assert numeric_user["phone_verified_at"] is not None
-    assert hong_kong_user["phone_verified_at"] is not None
+    assert numeric_user.phone_verified_at is not None
+    assert hong_kong_user.phone_verified_at is not None
+    # Stored as text whatever type WeChat sent.
+    assert pipeline.count("SELECT count(*) FROM users WHERE country_code = '86'") == 1
     output = process.output()
     assert "13800001111" not in output and "+85291234567" not in output and "91234567" not in output
 
@@ -53,6 +55,8 @@ def test_a_watermark_naming_another_app_fails_and_writes_nothing_to_the_user(pip
     )
     assert pipeline.wait_for_job(pipeline.submit(APPID, "oWatermark001", verified)).status == "succeeded"
     before = user_row(pipeline, APPID, "oWatermark001")
+    verified_user = pipeline.producer.get_user(appid=APPID, openid="oWatermark001")
+    assert verified_user is not None and verified_user.phone_number == "13900002222"
 
     foreign = pipeline.sandbox.mint_phone_code(
         APPID, phone_number="13900003333", pure_phone_number="13900003333", watermark_appid=OTHER_APPID
@@ -66,7 +70,9 @@ def test_a_watermark_naming_another_app_fails_and_writes_nothing_to_the_user(pip
     for job_id in mismatch_ids:
         job = pipeline.wait_for_job(job_id, timeout_seconds=30)
         assert (job.status, job.error_code, job.attempts) == ("failed", "watermark_mismatch", 1)
+    # Not a single column of the existing user changed; no user was created for the other.
     assert user_row(pipeline, APPID, "oWatermark001") == before
+    assert pipeline.producer.get_user(appid=APPID, openid="oWatermark001") == verified_user
     assert user_row(pipeline, APPID, "oWatermark002") is None
     phone = endpoint_counts(pipeline.sandbox, "phone")
     assert (phone.calls, phone.errcodes) == (3, {"0": 3})
