@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -133,6 +134,7 @@ def _meta(config: BenchConfig, started: float) -> dict[str, Any]:
         "pool": config.pool,
         "processes": config.processes,
         "concurrency": config.concurrency,
+        "source_commit": _source_commit(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -142,6 +144,24 @@ def _meta(config: BenchConfig, started: float) -> dict[str, Any]:
             key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()
         },
     }
+
+
+def _source_commit() -> str | None:
+    """The commit measured: ``git rev-parse HEAD`` (``+dirty`` with local changes) or $BENCH_SOURCE_COMMIT."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("BENCH_SOURCE_COMMIT")
+    return head + ("+dirty" if dirty else "")
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:

@@ -647,10 +647,18 @@ class Bench:
         else:
             result.jobs_per_second = len(terminal) / max(1e-6, max(commit_times) - first_enqueue)
             in_window = len(terminal)
+            low, high = first_enqueue, max(commit_times)
             cpu = sampler.cpu_between(first_enqueue, max(commit_times))
             result.elapsed_seconds = max(commit_times) - first_enqueue
         if cpu is not None and in_window:
             result.cpu_ms_per_job = cpu * 1000 / in_window
+        load = (
+            sampler.machine_load_between(low, high)
+            if phase.mode == "drain"
+            else sampler.machine_load_between(first_enqueue, max(commit_times))
+        )
+        if load is not None:
+            result.machine_busy_cores, result.outside_busy_cores = load
         result.max_rss_mb = sampler.max_rss_mb(phase_start)
         return result
 
@@ -682,7 +690,8 @@ def _one_line(result: PhaseResult) -> str:
         f"jobs={result.submitted} ok={result.succeeded} failed={result.failed} lost={result.lost} "
         f"jobs/s={result.jobs_per_second or 0:.0f} p99={p99 or 0:.0f}ms tokens={result.token_fetches} "
         f"phone={result.phone_calls} errcodes={json.dumps(result.phone_errcodes)} "
-        f"cpu/job={result.cpu_ms_per_job or 0:.2f}ms rss={result.max_rss_mb or 0:.0f}MB"
+        f"cpu/job={result.cpu_ms_per_job or 0:.2f}ms rss={result.max_rss_mb or 0:.0f}MB "
+        f"busy={result.machine_busy_cores or 0:.2f} other={result.outside_busy_cores or 0:.2f} cores"
     )
 
 

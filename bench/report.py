@@ -99,6 +99,10 @@ class PhaseResult:
     cpu_ms_per_job: float | None = None
     max_rss_mb: float | None = None
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    #: Busy cores of the whole machine during the measurement, and those outside the benchmark's
+    #: own processes (PostgreSQL and anything else running on the machine).
+    machine_busy_cores: float | None = None
+    outside_busy_cores: float | None = None
     notes: str = ""
 
     @property
@@ -177,6 +181,7 @@ COMPARISON_COLUMNS: list[Column] = [
     ("lost", lambda r: r.lost),
     ("CPU ms/job", lambda r: r.cpu_ms_per_job),
     ("RSS MB/proc", lambda r: r.max_rss_mb),
+    ("other cores", lambda r: r.outside_busy_cores),
 ]
 
 SCALING_COLUMNS: list[Column] = [
@@ -191,6 +196,7 @@ SCALING_COLUMNS: list[Column] = [
     ("lost", lambda r: r.lost),
     ("CPU ms/job", lambda r: r.cpu_ms_per_job),
     ("RSS MB/proc", lambda r: r.max_rss_mb),
+    ("other cores", lambda r: r.outside_busy_cores),
 ]
 
 

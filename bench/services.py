@@ -247,11 +247,22 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    steal_and_guests = sum(values[7:]) if len(values) > 7 else 0
+    return (sum(values) - idle - steal_and_guests) / _CLOCK_TICKS
+
+
 @dataclass(frozen=True)
 class Sample:
     at: float  # time.time()
     cpu_seconds: float  # summed over the worker process trees
     rss_mb: dict[int, float]
+    machine_busy_seconds: float = 0.0
+    own_cpu_seconds: float = 0.0  # the harness and everything it started (workers, sandbox, redis)
 
 
 class ProcessSampler:
@@ -265,6 +276,7 @@ class ProcessSampler:
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
         # CPU of processes that have exited is kept so sums never go backwards.
         self._last_cpu: dict[int, float] = {}
+        self._own_max = 0.0
 
     def start(self) -> ProcessSampler:
         self.sample()
@@ -288,7 +300,11 @@ class ProcessSampler:
             value = rss_mb(pid)
             if value is not None:
                 rss[pid] = value
-        self.samples.append(Sample(time.time(), sum(self._last_cpu.values()), rss))
+        own = sum(cpu_seconds(pid) for pid in process_tree([os.getpid()]))
+        self._own_max = max(self._own_max, own)
+        self.samples.append(
+            Sample(time.time(), sum(self._last_cpu.values()), rss, machine_busy_seconds(), self._own_max)
+        )
 
     def cpu_between(self, start: float, end: float) -> float | None:
         """Worker CPU seconds spent between two wall-clock times (linear between samples)."""
@@ -296,16 +312,33 @@ class ProcessSampler:
             return None
         return self._cpu_at(end) - self._cpu_at(start)
 
+    def machine_load_between(self, start: float, end: float) -> tuple[float, float] | None:
+        """(busy cores of the whole machine, busy cores outside this benchmark's processes).
+
+        "Outside" includes PostgreSQL, which the benchmark does not start; anything far above
+        what PostgreSQL needs means other work shared the machine during the measurement.
+        """
+        if len(self.samples) < 2 or end <= start:
+            return None
+        busy = self._value_at(end, "machine_busy_seconds") - self._value_at(start, "machine_busy_seconds")
+        own = self._value_at(end, "own_cpu_seconds") - self._value_at(start, "own_cpu_seconds")
+        span = end - start
+        return busy / span, max(0.0, busy - own) / span
+
     def _cpu_at(self, moment: float) -> float:
+        return self._value_at(moment, "cpu_seconds")
+
+    def _value_at(self, moment: float, name: str) -> float:
         samples = self.samples
         if moment <= samples[0].at:
-            return samples[0].cpu_seconds
+            return float(getattr(samples[0], name))
         for before, after in zip(samples, samples[1:], strict=False):
             if before.at <= moment <= after.at:
                 span = after.at - before.at
                 weight = (moment - before.at) / span if span > 0 else 1.0
-                return before.cpu_seconds + (after.cpu_seconds - before.cpu_seconds) * weight
-        return samples[-1].cpu_seconds
+                low, high = float(getattr(before, name)), float(getattr(after, name))
+                return low + (high - low) * weight
+        return float(getattr(samples[-1], name))
 
     def max_rss_mb(self, start: float | None = None) -> float | None:
         """The largest RSS any one worker process had (since ``start``)."""

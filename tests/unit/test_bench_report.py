@@ -1,0 +1,168 @@
+"""The benchmark's pure number handling: percentiles, drain rates, tables, JSON and target checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.report import (
+    PhaseResult,
+    Target,
+    evaluate_targets,
+    format_table,
+    latency_summary,
+    percentile,
+    render_report,
+    windowed_rate,
+    write_json,
+)
+
+
+def phase(**overrides: object) -> PhaseResult:
+    values: dict[str, object] = {
+        "scenario": "comparison",
+        "system": "wxphone",
+        "mode": "drain",
+        "processes": 2,
+        "concurrency": 100,
+        "submitted": 100,
+        "distinct_codes": 100,
+        "succeeded": 100,
+        "phone_calls": 100,
+        "token_fetches": 1,
+        "jobs_per_second": 400.0,
+        "max_rss_mb": 120.0,
+    }
+    values.update(overrides)
+    return PhaseResult(**values)  # type: ignore[arg-type]
+
+
+class TestPercentile:
+    def test_interpolates_like_numpy(self) -> None:
+        values = [1.0, 2.0, 3.0, 4.0]
+        assert percentile(values, 0) == 1.0
+        assert percentile(values, 100) == 4.0
+        assert percentile(values, 50) == pytest.approx(2.5)
+        assert percentile(values, 95) == pytest.approx(3.85)
+
+    def test_order_of_input_does_not_matter(self) -> None:
+        assert percentile([9.0, 1.0, 5.0], 50) == 5.0
+
+    def test_single_value(self) -> None:
+        assert percentile([7.0], 99) == 7.0
+
+    def test_rejects_empty_input_and_bad_quantiles(self) -> None:
+        with pytest.raises(ValueError):
+            percentile([], 50)
+        with pytest.raises(ValueError):
+            percentile([1.0], 101)
+
+    def test_summary_of_nothing_is_all_none(self) -> None:
+        assert latency_summary([]) == {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+
+    def test_summary(self) -> None:
+        summary = latency_summary([float(v) for v in range(1, 101)])
+        assert summary["p50"] == pytest.approx(50.5)
+        assert summary["p99"] == pytest.approx(99.01)
+        assert summary["max"] == 100.0
+        assert summary["mean"] == pytest.approx(50.5)
+
+
+class TestWindowedRate:
+    def test_steady_rate_is_recovered(self) -> None:
+        times = [index / 50 for index in range(1000)]  # 50 events per second
+        assert windowed_rate(times) == pytest.approx(50.0)
+
+    def test_slow_start_and_tail_are_left_out(self) -> None:
+        steady = [10 + index / 100 for index in range(1000)]
+        times = [0.0, 5.0, *steady, 60.0, 90.0]
+        assert windowed_rate(times) == pytest.approx(100.0, rel=0.01)
+
+    def test_too_few_events_or_no_time(self) -> None:
+        assert windowed_rate([1.0, 2.0]) is None
+        assert windowed_rate([5.0] * 20) is None
+
+
+class TestTables:
+    def test_columns_align_and_none_is_a_dash(self) -> None:
+        table = format_table(["system", "jobs/s"], [["raw", 512.3], ["wxphone", None]])
+        lines = table.splitlines()
+        assert lines[0].split() == ["system", "jobs/s"]
+        assert lines[2].split() == ["raw", "512"]
+        assert lines[3].split() == ["wxphone", "-"]
+        assert len({len(line) for line in lines[:3]}) == 1
+
+    def test_small_numbers_keep_two_decimals(self) -> None:
+        assert "1.00" in format_table(["a", "b"], [["x", 1.0]])
+
+    def test_report_merges_drain_and_paced_rows_of_the_comparison(self) -> None:
+        drain = phase(submitted=100, failed=1)
+        paced = phase(mode="paced", submitted=50, offered_rate=200.0, latency_ms={"p50": 60.0, "p99": 90.0})
+        text = render_report([drain, paced], [], {"latency_ms": 50, "pool": "threads"})
+        row = [line for line in text.splitlines() if line.startswith("wxphone ")][-1]
+        cells = row.split()
+        assert cells[:2] == ["wxphone", "400"]  # throughput from the drain
+        assert cells[2:6] == ["60.0", "-", "90.0", "200"]  # latency and offered rate from the paced phase
+        assert cells[-5:-3] == ["1", "0"]  # failed and lost of both phases
+
+
+class TestResultDicts:
+    def test_derived_fields_are_in_the_json(self) -> None:
+        data = phase(
+            submitted=110, distinct_codes=100, phone_calls=100, phone_errcodes={"40001": 3}
+        ).as_dict()
+        assert data["phone_calls_per_job"] == pytest.approx(100 / 110)
+        assert data["phone_calls_per_distinct_code"] == 1.0
+        assert data["errors_40001"] == 3
+        assert data["token_errors"] == 3
+
+    def test_write_json(self, tmp_path: Path) -> None:
+        target = tmp_path / "results" / "latest.json"
+        write_json(target, {"results": [phase().as_dict()]})
+        assert json.loads(target.read_text())["results"][0]["system"] == "wxphone"
+
+
+class TestTargets:
+    def by_name(self, targets: list[Target], fragment: str) -> Target:
+        return next(target for target in targets if fragment in target.name)
+
+    def test_throughput_ratio(self) -> None:
+        raw = phase(system="raw", jobs_per_second=500.0)
+        targets = evaluate_targets([raw, phase(jobs_per_second=360.0)])
+        assert self.by_name(targets, "throughput").met is True
+        targets = evaluate_targets([raw, phase(jobs_per_second=300.0)])
+        assert self.by_name(targets, "throughput").met is False
+
+    def test_calls_per_code_must_be_exactly_one(self) -> None:
+        ok = evaluate_targets([phase(submitted=110, distinct_codes=100, phone_calls=100)])
+        assert self.by_name(ok, "per distinct code").met is True
+        twice = evaluate_targets([phase(distinct_codes=100, phone_calls=101)])
+        assert self.by_name(twice, "per distinct code").met is False
+
+    def test_zero_failures_where_the_baseline_fails(self) -> None:
+        base = phase(
+            scenario="rotation", system="baseline", mode="paced", failed=12, phone_errcodes={"40001": 30}
+        )
+        good = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, token_fetches=3)
+        bad = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, failed=1)
+        assert self.by_name(evaluate_targets([base, good]), "(rotation)").met is True
+        assert self.by_name(evaluate_targets([base, bad]), "(rotation)").met is False
+
+    def test_token_fetches_per_lifetime_in_the_rotation_run(self) -> None:
+        rotation = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, token_fetches=3)
+        targets = evaluate_targets([rotation], rotation_lifetime_seconds=20.0)
+        assert self.by_name(targets, "rotation run").met is True
+        busy = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, token_fetches=7)
+        targets = evaluate_targets([busy], rotation_lifetime_seconds=20.0)
+        assert self.by_name(targets, "rotation run").met is False
+
+    def test_latency_and_memory(self) -> None:
+        paced = phase(mode="paced", offered_rate=200.0, latency_ms={"p99": 650.0}, max_rss_mb=310.0)
+        targets = evaluate_targets([paced])
+        assert self.by_name(targets, "p99").met is False
+        assert self.by_name(targets, "RSS").met is False
+
+    def test_throughput_not_measured(self) -> None:
+        assert self.by_name(evaluate_targets([]), "throughput").met is None
