@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from models.base import NAMING_CONVENTION, Base
 from models.code_claim import TERMINAL_CLAIM_STATUSES, CodeClaim, CodeClaimStatus
+from models.exchange_audit import AuditApi, AuditOutcome, ExchangeAudit
 from models.phone_job import TERMINAL_JOB_STATUSES, PhoneJob, PhoneJobStatus
 from models.user import User
 
@@ -15,9 +16,12 @@ __all__ = [
     "NAMING_CONVENTION",
     "TERMINAL_CLAIM_STATUSES",
     "TERMINAL_JOB_STATUSES",
+    "AuditApi",
+    "AuditOutcome",
     "Base",
     "CodeClaim",
     "CodeClaimStatus",
+    "ExchangeAudit",
     "PhoneJob",
     "PhoneJobStatus",
     "User",

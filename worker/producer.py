@@ -4,9 +4,13 @@ Front ends need the broker and the database, never an AppSecret::
 
     from worker.producer import submit_phone_code, get_job, get_user
 
-    job_id = submit_phone_code(appid="wx123", openid=openid, code=code)
+    job_id = submit_phone_code(appid="wx123", openid=openid, code=code, caller="web-checkout")
     job = get_job(job_id)            # JobView: status queued/running/retrying/succeeded/failed
     user = get_user(appid="wx123", openid=openid)   # UserView with the verified number
+    users = find_users_by_phone(phone_number="13800138000")   # exact match, via the blind index
+
+Numbers are stored encrypted (``docs/security.md``); reading them needs the same
+``WXPHONE_ENCRYPTION_KEYS`` and ``WXPHONE_BLIND_INDEX_KEY`` as the workers.
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import PhoneJob, User
+from worker.audit import clean_caller
+from worker.crypto import DataProtection, default_protection, users_context
 from worker.jobs.phone import JobPolicy, record_submission, utc_now
 from worker.jobs.validation import code_fingerprint, validate_phone_job
 from worker.wechat.types import mask_phone_number
 
-__all__ = ["JobView", "Producer", "UserView", "get_job", "get_user", "submit_phone_code"]
+__all__ = [
+    "JobView",
+    "Producer",
+    "UserView",
+    "find_users_by_phone",
+    "get_job",
+    "get_user",
+    "submit_phone_code",
+]
 
 RESOLVE_PHONE_TASK = "wxphone.resolve_phone"
 LOGIN_TASK = "wxphone.login"
@@ -109,14 +123,26 @@ class Producer:
         celery_app: Celery,
         policy: JobPolicy,
         clock: Callable[[], datetime] = utc_now,
+        protection: DataProtection | None = None,
     ) -> None:
         self.sessions = sessions
         self.celery_app = celery_app
         self.policy = policy
         self.clock = clock
+        self._protection = protection
 
-    def submit_phone_code(self, *, appid: str, openid: str, code: str) -> str:
+    @property
+    def protection(self) -> DataProtection:
+        """The keys that decrypt numbers and build lookups (default: this process's settings)."""
+        if self._protection is None:
+            self._protection = default_protection()
+        return self._protection
+
+    def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
+
+        ``caller`` is an optional label of the front end for the audit trail (printable, at most
+        64 characters; anything else is dropped).
 
         Raises :class:`worker.jobs.validation.InvalidInputError` for malformed input (nothing is
         recorded) and :class:`PublishError` when the broker cannot take the job.
@@ -137,7 +163,7 @@ class Producer:
         try:
             self.celery_app.send_task(
                 RESOLVE_PHONE_TASK,
-                kwargs={"appid": job.appid, "openid": job.openid, "code": job.code},
+                kwargs=_with_caller({"appid": job.appid, "openid": job.openid, "code": job.code}, caller),
                 task_id=job_id,
                 queue=JOB_QUEUE,
             )
@@ -151,11 +177,14 @@ class Producer:
             raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
         return job_id
 
-    def submit_login(self, *, appid: str, js_code: str) -> str:
+    def submit_login(self, *, appid: str, js_code: str, caller: str | None = None) -> str:
         """Enqueue ``wxphone.login``; its Celery result carries openid and unionid."""
         task_id = str(uuid.uuid4())
         self.celery_app.send_task(
-            LOGIN_TASK, kwargs={"appid": appid, "js_code": js_code}, task_id=task_id, queue=JOB_QUEUE
+            LOGIN_TASK,
+            kwargs=_with_caller({"appid": appid, "js_code": js_code}, caller),
+            task_id=task_id,
+            queue=JOB_QUEUE,
         )
         return task_id
 
@@ -178,22 +207,52 @@ class Producer:
             )
 
     def get_user(self, *, appid: str, openid: str) -> UserView | None:
-        """The user (appid, openid), or None."""
+        """The user (appid, openid) with the full, decrypted number, or None."""
         with self.sessions() as session:
             user = session.execute(
                 select(User).where(User.appid == appid, User.openid == openid)
             ).scalar_one_or_none()
-            if user is None:
+            return None if user is None else self._view(user)
+
+    def find_users_by_phone(self, *, phone_number: str, appid: str | None = None) -> list[UserView]:
+        """Users whose verified number is ``phone_number`` (exact match), in one app or in all.
+
+        ``phone_number`` may carry its country code (``+86 138 0013 8000``); without one it is a
+        mainland number. The lookup uses the keyed blind index, never a plaintext column.
+        """
+        try:
+            index = self.protection.blind_index.of(phone_number)
+        except ValueError:
+            return []
+        query = select(User).where(User.phone_blind_index == index)
+        if appid is not None:
+            query = query.where(User.appid == appid)
+        with self.sessions() as session:
+            users = session.execute(query.order_by(User.appid, User.id)).scalars().all()
+            return [self._view(user) for user in users]
+
+    def _view(self, user: User) -> UserView:
+        cipher = self.protection.cipher
+
+        def decrypted(column: str, stored: str | None) -> str | None:
+            if stored is None:
                 return None
-            return UserView(
-                appid=user.appid,
-                openid=user.openid,
-                unionid=user.unionid,
-                phone_number=user.phone_number,
-                pure_phone_number=user.pure_phone_number,
-                country_code=user.country_code,
-                phone_verified_at=user.phone_verified_at,
-            )
+            return cipher.decrypt(stored, context=users_context(column, user.appid, user.openid))
+
+        return UserView(
+            appid=user.appid,
+            openid=user.openid,
+            unionid=user.unionid,
+            phone_number=decrypted("phone_number", user.phone_number_encrypted),
+            pure_phone_number=decrypted("pure_phone_number", user.pure_phone_number_encrypted),
+            country_code=user.country_code,
+            phone_verified_at=user.phone_verified_at,
+        )
+
+
+def _with_caller(kwargs: dict[str, Any], caller: str | None) -> dict[str, Any]:
+    label = clean_caller(caller)
+    return {**kwargs, "caller": label} if label is not None else kwargs
 
 
 def _default() -> Producer:
@@ -202,9 +261,9 @@ def _default() -> Producer:
     return get_runtime().producer
 
 
-def submit_phone_code(*, appid: str, openid: str, code: str) -> str:
+def submit_phone_code(*, appid: str, openid: str, code: str, caller: str | None = None) -> str:
     """:meth:`Producer.submit_phone_code` with the process-wide settings."""
-    return _default().submit_phone_code(appid=appid, openid=openid, code=code)
+    return _default().submit_phone_code(appid=appid, openid=openid, code=code, caller=caller)
 
 
 def get_job(job_id: str) -> JobView | None:
@@ -215,3 +274,8 @@ def get_job(job_id: str) -> JobView | None:
 def get_user(*, appid: str, openid: str) -> UserView | None:
     """:meth:`Producer.get_user` with the process-wide settings."""
     return _default().get_user(appid=appid, openid=openid)
+
+
+def find_users_by_phone(*, phone_number: str, appid: str | None = None) -> list[UserView]:
+    """:meth:`Producer.find_users_by_phone` with the process-wide settings."""
+    return _default().find_users_by_phone(phone_number=phone_number, appid=appid)

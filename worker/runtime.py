@@ -17,6 +17,7 @@ from requests.adapters import HTTPAdapter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker.crypto import DataProtection
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
 from worker.limits import API_LOGIN, API_PHONE, CallGate
@@ -40,7 +41,15 @@ class Runtime:
     """Lazily built, process-wide collaborators for one :class:`Settings`."""
 
     def __init__(self, settings: Settings) -> None:
+        # A process serving apps against the real WeChat API refuses to start without its own
+        # encryption, blind-index and fingerprint keys (SettingsError names the variables).
+        settings.require_production_secrets()
         self.settings = settings
+
+    @cached_property
+    def protection(self) -> DataProtection:
+        """Field cipher and blind index of the configured keys (docs/security.md)."""
+        return DataProtection.from_settings(self.settings)
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -129,7 +138,9 @@ class Runtime:
         from worker.app import app
         from worker.producer import Producer
 
-        return Producer(sessions=self.sessions, celery_app=app, policy=self.job_policy)
+        return Producer(
+            sessions=self.sessions, celery_app=app, policy=self.job_policy, protection=self.protection
+        )
 
     def close(self) -> None:
         """Close pooled connections that were opened."""

@@ -1,22 +1,95 @@
 """The one settings object of wxphone.
 
-Every value comes from the environment (prefix ``WXPHONE_``) or from a ``.env`` file in the
-working directory. No other module reads the environment: they take a :class:`Settings`
-(usually from :func:`get_settings`) or the plain values it holds.
+Every value comes from the environment (prefix ``WXPHONE_``), from a ``.env`` file in the
+working directory, or from the secrets file named by ``WXPHONE_SECRETS_FILE`` (``KEY=VALUE``
+lines; it must belong to the current user and be unreadable by group and others). The
+environment wins over ``.env``, which wins over the secrets file. No other module reads the
+environment or that file: they take a :class:`Settings` (usually from :func:`get_settings`) or the
+plain values it holds.
+
+Against the real WeChat API (``WXPHONE_WECHAT_API_BASE`` = :data:`REAL_WECHAT_API_BASE`),
+placeholder or development secrets are refused; elsewhere (the sandbox), missing encryption and
+blind-index keys fall back to fixed development keys (:data:`DEVELOPMENT_ENCRYPTION_KEYS`,
+:data:`DEVELOPMENT_BLIND_INDEX_KEY`), announced once at WARNING. See ``docs/security.md``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
+import logging
+import os
 import re
+import stat
+import threading
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "WXPHONE_"
 APPID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+#: The production WeChat API. Against it, placeholder and development secrets are refused.
+REAL_WECHAT_API_BASE = "https://api.weixin.qq.com"
+
+#: Development-only keys, used when no key is configured and the WeChat API is not the real one
+#: (the sandbox). They are public (they are in this file), so they protect nothing.
+DEVELOPMENT_ENCRYPTION_KEY_VERSION = "dev"
+DEVELOPMENT_ENCRYPTION_KEYS = "dev:d3hwaG9uZS1kZXZlbG9wbWVudC1rZXktbm90LXNlY3I="
+DEVELOPMENT_BLIND_INDEX_KEY = "wxphone-development-blind-index-key"
+DEVELOPMENT_FINGERPRINT_KEY = "wxphone-development-fingerprint-key"
+
+#: Values that are never real secrets (compared case-insensitively, surrounding blanks ignored).
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "",
+        "secret",
+        "appsecret",
+        "app_secret",
+        "app-secret",
+        "your-secret",
+        "your_secret",
+        "yoursecret",
+        "changeme",
+        "change-me",
+        "change_me",
+        "password",
+        "placeholder",
+        "todo",
+        "tbd",
+        "test",
+        "example",
+        "none",
+        "null",
+        "demo-secret-1",
+        "demo-secret-2",
+        DEVELOPMENT_BLIND_INDEX_KEY,
+        DEVELOPMENT_FINGERPRINT_KEY,
+        DEVELOPMENT_ENCRYPTION_KEYS,
+    }
+)
+# "xxx", "****", "<your secret>", "${SECRET}", "demo-...", "dev-...", "...development...".
+_PLACEHOLDER_PATTERN = re.compile(
+    r"^(x+|\*+|0+|<.*>|\$\{.*\}|\{\{.*\}\}|demo[-_].*|dev[-_].*|.*development.*|.*placeholder.*|.*change[-_]?me.*)$",
+    re.IGNORECASE,
+)
+ENCRYPTION_KEY_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,16}$")
+ENCRYPTION_KEY_BYTES = 32
+
+#: Variables a secrets file may set, each by its WXPHONE_* name.
+SECRETS_FILE_VARIABLE = "WXPHONE_SECRETS_FILE"
 
 TokenMode = Literal["stable", "classic"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -35,6 +108,137 @@ class AppCredentials:
 
     def __str__(self) -> str:
         return self.appid
+
+
+def is_placeholder_secret(value: str) -> bool:
+    """True for values such as ``""``, ``secret``, ``changeme``, ``xxx`` or a development key."""
+    cleaned = value.strip()
+    return cleaned.lower() in PLACEHOLDER_SECRETS or bool(_PLACEHOLDER_PATTERN.fullmatch(cleaned))
+
+
+@dataclass(frozen=True)
+class EncryptionKey:
+    """One AES-256 key of the field cipher, named by its version. The key never appears in a repr."""
+
+    version: str
+    key: bytes = field(repr=False)
+
+
+def parse_encryption_keys(raw: str) -> tuple[EncryptionKey, ...]:
+    """Parse ``v1:<base64 of 32 bytes>,v2:<...>``; error messages never echo a key."""
+    keys: list[EncryptionKey] = []
+    for position, item in enumerate(part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        version, sep, encoded = item.partition(":")
+        version, encoded = version.strip(), encoded.strip()
+        if not sep or not ENCRYPTION_KEY_VERSION_PATTERN.fullmatch(version):
+            raise ValueError(
+                f"entry {position + 1} must look like version:base64key (version: letters, digits, . _ -)"
+            )
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=False)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"key {version} is not base64") from None
+        if len(key) != ENCRYPTION_KEY_BYTES:
+            raise ValueError(
+                f"key {version} must be {ENCRYPTION_KEY_BYTES} bytes (base64 of 32 random bytes)"
+            )
+        if any(existing.version == version for existing in keys):
+            raise ValueError(f"key version {version} is listed twice")
+        keys.append(EncryptionKey(version=version, key=key))
+    return tuple(keys)
+
+
+def _version_sort_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural order: ``v2`` < ``v10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", version))
+
+
+class SecretsFileSource(PydanticBaseSettingsSource):
+    """Settings from the ``KEY=VALUE`` file named by ``WXPHONE_SECRETS_FILE``.
+
+    The file must be a regular file owned by the current user with no permission bits for group
+    or others (``chmod 600``); anything else is refused before it is read. Blank lines and lines
+    starting with ``#`` are skipped; every other line must be ``WXPHONE_NAME=value`` naming a
+    known setting. Errors name the file and the line, never a value.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Not used: __call__ reads the whole file at once.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path_value = self.current_state.get("secrets_file")
+        if not path_value:
+            return {}
+        return read_secrets_file(Path(str(path_value)), set(self.settings_cls.model_fields))
+
+
+def read_secrets_file(path: Path, known_fields: set[str]) -> dict[str, str]:
+    """Check the file's ownership and mode, then parse it (see :class:`SecretsFileSource`)."""
+    name = SECRETS_FILE_VARIABLE
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise SettingsError(f"{name}: cannot read {path}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SettingsError(f"{name}: {path} is not a regular file")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise SettingsError(f"{name}: {path} must be owned by the user running wxphone")
+    if info.st_mode & 0o077:
+        raise SettingsError(
+            f"{name}: {path} is readable or writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); run `chmod 600 {path}`"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise SettingsError(f"{name}: cannot read {path} as UTF-8 text") from None
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, sep, value = stripped.partition("=")
+        key = key.strip()
+        if key.startswith("export "):
+            key = key[len("export ") :].strip()
+        field_name = key[len(ENV_PREFIX) :].lower() if key.upper().startswith(ENV_PREFIX) else ""
+        if not sep or not field_name:
+            raise SettingsError(f"{name}: line {number} of {path} must look like WXPHONE_NAME=value")
+        if field_name not in known_fields or field_name == "secrets_file":
+            raise SettingsError(f"{name}: line {number} of {path} sets {key}, which is not a wxphone setting")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[field_name] = value
+    return values
+
+
+_development_warning_lock = threading.Lock()
+_development_warnings_given: set[str] = set()
+
+
+def _warn_development_key(name: str) -> None:
+    """Say once per process and variable that a development key stands in for ``name``.
+
+    Only once logging is set up (workers, beat): a one-off command's output stays clean.
+    """
+    if not logging.getLogger().handlers:
+        return
+    with _development_warning_lock:
+        if name in _development_warnings_given:
+            return
+        _development_warnings_given.add(name)
+    log.warning(
+        "%s is not set: using the built-in DEVELOPMENT key, fine against the sandbox, never for "
+        "real data (see docs/security.md)",
+        name,
+    )
 
 
 def parse_apps(raw: str) -> tuple[AppCredentials, ...]:
@@ -88,7 +292,7 @@ class Settings(BaseSettings):
     http_read_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # Phone-code jobs.
-    fingerprint_key: str = Field(default="wxphone-development-fingerprint-key", min_length=16)
+    fingerprint_key: str = Field(default=DEVELOPMENT_FINGERPRINT_KEY, min_length=16, repr=False)
     code_lifetime_seconds: float = Field(default=300.0, gt=0)
     retry_backoff_base_seconds: float = Field(default=1.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=30.0, gt=0)
@@ -116,6 +320,53 @@ class Settings(BaseSettings):
     # Worker process shape used by ``wxphone worker``.
     worker_pool: Literal["prefork", "threads", "gevent", "solo"] = "prefork"
     worker_concurrency: int | None = Field(default=None, gt=0)
+
+    # Personal data at rest (docs/security.md): AES-256-GCM keys by version, the version new
+    # writes use (default: the highest listed), and the HMAC key of the phone-number blind index.
+    encryption_keys: Annotated[tuple[EncryptionKey, ...], NoDecode] = Field(default=(), repr=False)
+    encryption_key_version: str | None = None
+    blind_index_key: str = Field(default="", repr=False)
+    #: Optional ``KEY=VALUE`` file of secrets (mode 600, owned by the current user).
+    secrets_file: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win; the secrets file sees (and so can be named by) the ones before it.
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            SecretsFileSource(settings_cls),
+            file_secret_settings,
+        )
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _parse_encryption_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_encryption_keys(value)
+        return value
+
+    @field_validator("encryption_key_version")
+    @classmethod
+    def _check_key_version(cls, value: str | None) -> str | None:
+        if value is not None and not ENCRYPTION_KEY_VERSION_PATTERN.fullmatch(value):
+            raise ValueError("must be a key version such as v2 (letters, digits, . _ -)")
+        return value
+
+    @field_validator("blind_index_key")
+    @classmethod
+    def _check_blind_index_key(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
 
     @field_validator("apps", mode="before")
     @classmethod
@@ -150,6 +401,90 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        # Messages name the variable, never the value.
+        versions = {key.version for key in self.encryption_keys}
+        if (
+            versions
+            and self.encryption_key_version is not None
+            and self.encryption_key_version not in versions
+        ):
+            raise ValueError(
+                "WXPHONE_ENCRYPTION_KEY_VERSION names a version that WXPHONE_ENCRYPTION_KEYS does not list"
+            )
+        if not self.uses_real_wechat:
+            return self
+        if any(is_placeholder_secret(app.secret) for app in self.apps):
+            raise ValueError("WXPHONE_APPS holds an empty or placeholder AppSecret (real WeChat API)")
+        explicit = self.model_fields_set
+        if "fingerprint_key" in explicit and is_placeholder_secret(self.fingerprint_key):
+            raise ValueError("WXPHONE_FINGERPRINT_KEY is a placeholder or development key (real WeChat API)")
+        if "blind_index_key" in explicit and is_placeholder_secret(self.blind_index_key):
+            raise ValueError("WXPHONE_BLIND_INDEX_KEY is a placeholder or development key (real WeChat API)")
+        development = {key.key for key in parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS)}
+        for key in self.encryption_keys:
+            if key.key in development or len(set(key.key)) <= 2:
+                raise ValueError(
+                    f"WXPHONE_ENCRYPTION_KEYS key {key.version} is a development or trivial key "
+                    "(real WeChat API)"
+                )
+        return self
+
+    @property
+    def uses_real_wechat(self) -> bool:
+        """True when calls go to the production WeChat API (secrets are then checked strictly)."""
+        return self.wechat_api_base.lower() == REAL_WECHAT_API_BASE
+
+    @property
+    def serves_real_wechat(self) -> bool:
+        """True for a process that serves apps against the production WeChat API."""
+        return self.uses_real_wechat and bool(self.apps)
+
+    def require_production_secrets(self) -> None:
+        """Raise :class:`SettingsError` when this process serves apps against the real WeChat API
+        without its own keys (no development key may protect real data)."""
+        if not self.serves_real_wechat:
+            return
+        missing = [
+            name
+            for name, unset in (
+                ("WXPHONE_ENCRYPTION_KEYS", not self.encryption_keys),
+                ("WXPHONE_BLIND_INDEX_KEY", not self.blind_index_key),
+                ("WXPHONE_FINGERPRINT_KEY", "fingerprint_key" not in self.model_fields_set),
+            )
+            if unset
+        ]
+        if missing:
+            raise SettingsError(
+                f"{', '.join(missing)} must be set when serving apps against {REAL_WECHAT_API_BASE} "
+                "(see docs/security.md)"
+            )
+
+    def field_encryption_keys(self) -> tuple[tuple[EncryptionKey, ...], str]:
+        """The keys of the field cipher and the version new writes use.
+
+        Without configured keys: the development key, unless this process serves apps against
+        the real WeChat API (then :class:`SettingsError`).
+        """
+        keys = self.encryption_keys
+        if not keys:
+            self.require_production_secrets()
+            _warn_development_key("WXPHONE_ENCRYPTION_KEYS")
+            keys = parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS)
+        version = self.encryption_key_version
+        if version is None or version not in {key.version for key in keys}:
+            version = max((key.version for key in keys), key=_version_sort_key)
+        return keys, version
+
+    def field_blind_index_key(self) -> str:
+        """The HMAC key of the phone-number blind index (development key as for encryption)."""
+        if self.blind_index_key:
+            return self.blind_index_key
+        self.require_production_secrets()
+        _warn_development_key("WXPHONE_BLIND_INDEX_KEY")
+        return DEVELOPMENT_BLIND_INDEX_KEY
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

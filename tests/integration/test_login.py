@@ -82,7 +82,7 @@ def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipe
     assert pipeline.count("SELECT id FROM users WHERE openid = :openid", openid=openid) == user_id
     assert (after.unionid, after.phone_number) == (unionid, number)
 
-    # The session_key is neither logged nor stored.
+    # The session_key is never logged, and stored only encrypted (docs/security.md).
     output = process.output()
     assert "session_key" not in output
     assert SESSION_KEY_SHAPE.search(output) is None
@@ -91,7 +91,9 @@ def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipe
         columns = conn.execute(
             text("SELECT column_name FROM information_schema.columns WHERE table_schema = 'public'")
         ).scalars()
-        assert not [column for column in columns if "session" in column]
+        assert [column for column in columns if "session" in column] == ["session_key_encrypted"]
+        stored = conn.execute(text("SELECT session_key_encrypted FROM users")).scalar_one()
+        assert stored.startswith("dev:")  # a ciphertext under the development key
 
     # Positional arguments are not part of the interface. (Last: at DEBUG, Celery logs the
     # sender's own repr of positional arguments, which no key-based redaction can recognise.)

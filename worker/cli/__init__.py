@@ -9,6 +9,7 @@ import click
 from worker.cli.db import db_group
 from worker.cli.doctor import doctor_command, limits_group
 from worker.cli.jobs import enqueue_command, job_group, user_group
+from worker.cli.keys import keys_group
 from worker.cli.processes import beat_command, worker_command
 from worker.cli.sandbox import sandbox_command
 from worker.cli.services import services_group
@@ -30,6 +31,7 @@ cli.add_command(db_group)
 cli.add_command(enqueue_command)
 cli.add_command(job_group)
 cli.add_command(user_group)
+cli.add_command(keys_group)
 cli.add_command(doctor_command)
 cli.add_command(limits_group)
 cli.add_command(services_group)

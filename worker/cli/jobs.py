@@ -1,4 +1,4 @@
-"""``wxphone enqueue``, ``wxphone job show`` and ``wxphone user show``."""
+"""``wxphone enqueue``, ``wxphone job show``, ``wxphone user show`` and ``wxphone user find``."""
 
 from __future__ import annotations
 
@@ -64,3 +64,21 @@ def user_show_command(appid: str, openid: str, as_json: bool) -> None:
     if user is None:
         raise click.ClickException(f"no user with appid {appid} and openid {openid}")
     _print_record(user.as_dict(), as_json)
+
+
+@user_group.command("find")
+@click.option("--phone", "phone_number", required=True, help="The number: 13800138000 or +85291234567.")
+@click.option("--appid", default=None, help="Only users of this mini program.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list).")
+def user_find_command(phone_number: str, appid: str | None, as_json: bool) -> None:
+    """Find the users whose verified number is exactly this one (through the blind index)."""
+    users = get_runtime().producer.find_users_by_phone(phone_number=phone_number, appid=appid)
+    if as_json:
+        click.echo(json.dumps([user.as_dict() for user in users], indent=2))
+        return
+    if not users:
+        raise click.ClickException("no user with that phone number")
+    for position, user in enumerate(users):
+        if position:
+            click.echo("")
+        _print_record(user.as_dict(), as_json=False)

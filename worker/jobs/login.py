@@ -1,12 +1,16 @@
 """Login: exchange a ``wx.login`` code for openid/unionid and record the user.
 
-The session_key WeChat returns is never returned, logged or stored in plain text.
+The session_key WeChat returns is never returned or logged; it is stored encrypted
+(``users.session_key_encrypted``, bound to the user's row). Every code2Session call appends one
+row to ``exchange_audit``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+import time
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -17,9 +21,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import User
+from models.exchange_audit import AuditApi
+from worker.audit import AuditEntry, clean_caller, record_exchange
+from worker.crypto import DataProtection, default_protection, row_key_version, users_context
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
 from worker.jobs.phone import JobPolicy
-from worker.jobs.validation import validate_login
+from worker.jobs.validation import code_fingerprint, validate_login
 from worker.limits import API_LOGIN, CallGate, CircuitOpenError, LocallyRateLimitedError
 from worker.settings import AppCredentials
 from worker.wechat.client import WeChatClient
@@ -65,8 +72,15 @@ def login_user(
     apps: Mapping[str, AppCredentials],
     policy: JobPolicy,
     gate: CallGate | None = None,
+    protection: DataProtection | None = None,
+    task_id: str | None = None,
+    caller: object = None,
 ) -> LoginOutcome:
-    """Run one login attempt; retryable failures ask for another attempt with backoff."""
+    """Run one login attempt; retryable failures ask for another attempt with backoff.
+
+    ``protection`` encrypts the session_key (default: the process's keys); ``task_id`` and
+    ``caller`` go to the audit row of the WeChat call.
+    """
     try:
         login = validate_login(appid=appid, js_code=js_code, configured_appids=apps.keys())
     except RequestRejectedError as error:
@@ -82,37 +96,69 @@ def login_user(
         )
     except CircuitOpenError as error:
         return LoginOutcome("failed", error.error_code, appid=login.appid)
+    audit = AuditEntry(
+        AuditApi.LOGIN,
+        login.appid,
+        None,
+        task_id,
+        code_fingerprint(policy.fingerprint_key, login.appid, login.js_code),
+        clean_caller(caller),
+    )
+    started = time.monotonic()
     try:
         result = client.code_to_session(appid=login.appid, secret=credentials.secret, js_code=login.js_code)
-    except RetryLaterError as error:
-        if isinstance(error, WeChatRateLimitedError) and gate is not None:
-            with suppress(RetryLaterError):
-                gate.pause_until_window_end(login.appid, API_LOGIN)
-        if attempt >= MAX_LOGIN_ATTEMPTS:
-            return LoginOutcome("failed", "upstream_unavailable", appid=login.appid)
-        delay = min(policy.retry_backoff_max_seconds, policy.retry_backoff_base_seconds * 2 ** (attempt - 1))
-        log.info("login retries: %s", error)
-        return LoginOutcome(
-            "retrying",
-            error.error_code,
-            appid=login.appid,
-            retry_in_seconds=delay * random.uniform(0.5, 1.0),
-        )
-    except (RequestRejectedError, OperatorActionRequiredError) as error:
-        if isinstance(error, WeChatQuotaExhaustedError) and gate is not None:
-            with suppress(RetryLaterError):
-                gate.open_circuit(login.appid, API_LOGIN)
-        if isinstance(error, OperatorActionRequiredError):
-            log.error("login needs an operator: %s", error)
-        return LoginOutcome("failed", error.error_code, appid=login.appid)
-    except WxphoneError as error:
-        return LoginOutcome("failed", error.error_code, appid=login.appid)
+    except Exception as error:
+        record_exchange(sessions, audit, started=started, error=error)
+        if not isinstance(error, WxphoneError):
+            raise
+        return _failed_call(error, login.appid, attempt, policy, gate)
+    record_exchange(sessions, dataclasses.replace(audit, openid=result.openid), started=started)
+    cipher = (protection or default_protection()).cipher
+    session_key = cipher.encrypt(
+        result.session_key, context=users_context("session_key", login.appid, result.openid)
+    )
     with sessions.begin() as session:
-        statement = insert(User).values(appid=login.appid, openid=result.openid, unionid=result.unionid)
+        statement = insert(User).values(
+            appid=login.appid,
+            openid=result.openid,
+            unionid=result.unionid,
+            session_key_encrypted=session_key,
+            encryption_key_version=cipher.current_version,
+        )
         statement = statement.on_conflict_do_update(
             index_elements=[User.appid, User.openid],
-            # A login without unionid (app not bound to an Open Platform account) keeps a known one.
-            set_={"unionid": func.coalesce(statement.excluded.unionid, User.unionid)},
+            set_={
+                # A login without unionid (app not bound to an Open Platform account) keeps a known one.
+                "unionid": func.coalesce(statement.excluded.unionid, User.unionid),
+                "session_key_encrypted": statement.excluded.session_key_encrypted,
+                # A phone number still under an older key keeps the row on rotation's list.
+                "encryption_key_version": row_key_version(
+                    User.phone_number_encrypted, statement.excluded.encryption_key_version
+                ),
+            },
         )
         session.execute(statement)
     return LoginOutcome("succeeded", None, appid=login.appid, openid=result.openid, unionid=result.unionid)
+
+
+def _failed_call(
+    error: WxphoneError, appid: str, attempt: int, policy: JobPolicy, gate: CallGate | None
+) -> LoginOutcome:
+    """The outcome of a code2Session call that raised ``error``."""
+    if isinstance(error, RetryLaterError):
+        if isinstance(error, WeChatRateLimitedError) and gate is not None:
+            with suppress(RetryLaterError):
+                gate.pause_until_window_end(appid, API_LOGIN)
+        if attempt >= MAX_LOGIN_ATTEMPTS:
+            return LoginOutcome("failed", "upstream_unavailable", appid=appid)
+        delay = min(policy.retry_backoff_max_seconds, policy.retry_backoff_base_seconds * 2 ** (attempt - 1))
+        log.info("login retries: %s", error)
+        return LoginOutcome(
+            "retrying", error.error_code, appid=appid, retry_in_seconds=delay * random.uniform(0.5, 1.0)
+        )
+    if isinstance(error, WeChatQuotaExhaustedError) and gate is not None:
+        with suppress(RetryLaterError):
+            gate.open_circuit(appid, API_LOGIN)
+    if isinstance(error, OperatorActionRequiredError):
+        log.error("login needs an operator: %s", error)
+    return LoginOutcome("failed", error.error_code, appid=appid)

@@ -36,7 +36,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import CodeClaim, PhoneJob, User
 from models.code_claim import CodeClaimStatus
+from models.exchange_audit import AuditApi, AuditOutcome
 from models.phone_job import PhoneJobStatus
+from worker.audit import AuditEntry, clean_caller, record_exchange
+from worker.crypto import (
+    DataProtection,
+    default_protection,
+    mask_phone_number,
+    row_key_version,
+    users_context,
+)
 from worker.errors import (
     OperatorActionRequiredError,
     RequestRejectedError,
@@ -157,14 +166,21 @@ def resolve_phone_job(
     gate: CallGate | None = None,
     redelivered: bool = False,
     clock: Callable[[], datetime] = utc_now,
+    protection: DataProtection | None = None,
+    caller: object = None,
 ) -> JobOutcome:
     """Run one attempt of a phone-code job; see the module docstring for the steps.
+
+    ``protection`` encrypts the number (default: the process's keys); ``caller`` is the front
+    end's optional label for the audit trail (dropped unless printable and at most 64 characters).
 
     ``redelivered`` is the broker's word that the previous delivery of this very message died
     (its worker was killed, or it outlived the visibility timeout, which exceeds any run): such a
     delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
     """
     run = _JobRun(job_id, sessions, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
+    run.protection = protection or default_protection()
+    run.caller = clean_caller(caller)
     try:
         return run.execute(appid=appid, openid=openid, code=code)
     except DBAPIError:
@@ -198,6 +214,9 @@ class _JobRun:
         self.client = client
         self.policy = policy
         self.clock = clock
+        # Set by resolve_phone_job: how numbers are encrypted, and the front end's audit label.
+        self.protection: DataProtection | None = None
+        self.caller: str | None = None
 
     def execute(self, *, appid: object, openid: object, code: object) -> JobOutcome:
         try:
@@ -239,12 +258,10 @@ class _JobRun:
             return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
         except RetryLaterError as error:
             return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
+        audit = AuditEntry(AuditApi.PHONE, job.appid, job.openid, self.job_id, fingerprint, self.caller)
         try:
             info = self.tokens.call_with_token(
-                job.appid,
-                lambda token: self.client.get_phone_number(
-                    access_token=token, code=job.code, openid=job.openid
-                ),
+                job.appid, lambda token: self._exchange(audit, token, job.code, job.openid)
             )
         except RetryLaterError as error:
             return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
@@ -280,6 +297,27 @@ class _JobRun:
         return self._stored_outcome()
 
     # -- steps ----------------------------------------------------------------------------
+
+    def _exchange(self, audit: AuditEntry, token: str, code: str, openid: str) -> PhoneInfo:
+        """One getuserphonenumber call, with its audit row (one per call: a call repeated after
+        a token refresh gets its own)."""
+        started = time.monotonic()
+        try:
+            info = self.client.get_phone_number(access_token=token, code=code, openid=openid)
+        except Exception as error:
+            record_exchange(self.sessions, audit, started=started, error=error)
+            raise
+        if info.watermark_appid != audit.appid:
+            record_exchange(
+                self.sessions,
+                audit,
+                started=started,
+                outcome=AuditOutcome.REJECTED,
+                error_code="watermark_mismatch",
+            )
+        else:
+            record_exchange(self.sessions, audit, started=started)
+        return info
 
     def _reject_input(self, appid: object, openid: object, code: object, error: WxphoneError) -> JobOutcome:
         """Record a job whose input failed validation as ``failed``; no WeChat call."""
@@ -507,7 +545,14 @@ class _JobRun:
             now = self.clock()
             if result is not None:
                 openid, info = result
-                _upsert_phone(session, appid=appid, openid=openid, info=info, now=now)
+                _upsert_phone(
+                    session,
+                    appid=appid,
+                    openid=openid,
+                    info=info,
+                    now=now,
+                    protection=self.protection or default_protection(),
+                )
             final_code = code
             if code == WeChatInvalidCodeError.error_code:
                 # 40029 after an exchange whose reply was lost: WeChat most likely consumed the
@@ -610,22 +655,42 @@ def _is_disconnect(error: DBAPIError) -> bool:
     return bool(error.connection_invalidated) or isinstance(error, OperationalError)
 
 
-def _upsert_phone(session: Session, *, appid: str, openid: str, info: PhoneInfo, now: datetime) -> None:
+def _upsert_phone(
+    session: Session,
+    *,
+    appid: str,
+    openid: str,
+    info: PhoneInfo,
+    now: datetime,
+    protection: DataProtection,
+) -> None:
+    """Store the number encrypted (bound to this row), its blind index and its masked form."""
+    cipher = protection.cipher
+    values = {
+        "phone_number_encrypted": cipher.encrypt(
+            info.phone_number, context=users_context("phone_number", appid, openid)
+        ),
+        "pure_phone_number_encrypted": cipher.encrypt(
+            info.pure_phone_number, context=users_context("pure_phone_number", appid, openid)
+        ),
+        "phone_blind_index": protection.blind_index.of(
+            info.pure_phone_number, country_code=info.country_code
+        ),
+        "phone_masked": mask_phone_number(info.pure_phone_number),
+        "country_code": info.country_code,
+        "phone_verified_at": now,
+    }
     statement = insert(User).values(
-        appid=appid,
-        openid=openid,
-        phone_number=info.phone_number,
-        pure_phone_number=info.pure_phone_number,
-        country_code=info.country_code,
-        phone_verified_at=now,
+        appid=appid, openid=openid, encryption_key_version=cipher.current_version, **values
     )
     statement = statement.on_conflict_do_update(
         index_elements=[User.appid, User.openid],
         set_={
-            "phone_number": statement.excluded.phone_number,
-            "pure_phone_number": statement.excluded.pure_phone_number,
-            "country_code": statement.excluded.country_code,
-            "phone_verified_at": statement.excluded.phone_verified_at,
+            **{name: getattr(statement.excluded, name) for name in values},
+            # A session_key still under an older key keeps the row on rotation's list.
+            "encryption_key_version": row_key_version(
+                User.session_key_encrypted, statement.excluded.encryption_key_version
+            ),
         },
     )
     session.execute(statement)

@@ -3,8 +3,12 @@
 Task names, kwargs and queue are a stable interface; any Celery-protocol producer may send them
 by name to queue ``wxphone``:
 
-* ``wxphone.resolve_phone`` (``appid``, ``openid``, ``code``) -> ``{job_id, status, error_code}``
-* ``wxphone.login`` (``appid``, ``js_code``) -> ``{status, error_code, appid, openid, unionid}``
+* ``wxphone.resolve_phone`` (``appid``, ``openid``, ``code``, optional ``caller``) ->
+  ``{job_id, status, error_code}``
+* ``wxphone.login`` (``appid``, ``js_code``, optional ``caller``) ->
+  ``{status, error_code, appid, openid, unionid}``
+
+``caller`` is a label for the audit trail (printable, at most 64 characters, else dropped).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             policy=runtime.job_policy,
             gate=runtime.gate,
             redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+            protection=runtime.protection,
+            caller=None if args else kwargs.get("caller"),
         )
     except DBAPIError as error:
         log.warning(
@@ -81,6 +87,9 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             apps=runtime.settings.apps_by_id,
             policy=runtime.job_policy,
             gate=runtime.gate,
+            protection=runtime.protection,
+            task_id=self.request.id,
+            caller=None if args else kwargs.get("caller"),
         )
     except DBAPIError as error:
         log.warning(
