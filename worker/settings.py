@@ -283,7 +283,7 @@ class Settings(BaseSettings):
 
     # Token service tuning. Refresh timing is a fraction of the expires_in WeChat returned.
     token_check_interval_seconds: float = Field(default=60.0, gt=0)
-    token_refresh_fraction: float = Field(default=0.5, gt=0, lt=1)
+    token_refresh_fraction: float = Field(default=0.9, gt=0, lt=1)
     token_lock_ttl_seconds: float = Field(default=60.0, gt=0)
     token_wait_seconds: float = Field(default=15.0, gt=0)
 
