@@ -7,6 +7,7 @@ import sys
 import click
 
 from worker.cli.db import db_group
+from worker.cli.demo import demo_command
 from worker.cli.doctor import doctor_command, limits_group
 from worker.cli.jobs import enqueue_command, job_group, user_group
 from worker.cli.keys import keys_group
@@ -35,6 +36,7 @@ cli.add_command(keys_group)
 cli.add_command(doctor_command)
 cli.add_command(limits_group)
 cli.add_command(services_group)
+cli.add_command(demo_command)
 
 
 def main() -> None:
