@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 from typing import Any
 
 from tests.support.pipeline import (
@@ -106,14 +107,20 @@ def test_a_code_past_its_life_fails_without_wechat_and_retries_stop_before_it_di
     gave_up = pipeline.wait_for_job(gave_up_id, timeout_seconds=30)
     pipeline.sandbox.clear_faults()
 
-    assert (gave_up.status, gave_up.error_code) == ("failed", "upstream_unavailable")
+    # The job gives up when its next backoff would outlive the code. (On a machine so busy that
+    # the last retry starts only after the code's life, that retry ends code_expired instead,
+    # without calling WeChat.) Either way: no call after the code's life, no endless retries.
+    assert gave_up.status == "failed"
+    assert gave_up.error_code in {"upstream_unavailable", "code_expired"}
+    late_start = gave_up.error_code == "code_expired"
     phone = endpoint_counts(pipeline.sandbox, "phone")
-    assert phone.calls == phone.errcodes["-1"] == gave_up.attempts
-    assert 2 <= gave_up.attempts < 10  # several backed-off attempts, ended by the code's life
+    assert phone.calls == phone.errcodes["-1"] == gave_up.attempts - late_start
+    assert 2 <= phone.calls < 10  # several backed-off attempts, ended by the code's life
     row = phone_job_row(pipeline, gave_up_id)
     assert row is not None
-    assert row["finished_at"] < row["code_expires_at"]
     assert row["last_rid"]
+    # Closed as soon as the code's life is over, not left retrying behind it.
+    assert row["finished_at"] < row["code_expires_at"] + timedelta(seconds=2)
     assert user_row(pipeline, APPID, "oGaveUp000001") is None
 
 

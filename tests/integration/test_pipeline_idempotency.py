@@ -18,7 +18,7 @@ def code_claims(pipeline: Pipeline) -> list[tuple[str, str, str | None]]:
 
 def test_repeated_submissions_of_one_code_share_the_first_exchange(pipeline: Pipeline) -> None:
     # Slow replies keep the first exchange in flight while the repeats are picked up.
-    pipeline.sandbox.configure(latency_ms={"phone": 500})
+    pipeline.sandbox.configure(latency_ms={"phone": 1000})
     process = pipeline.start_worker(concurrency=2)
     number = "13912345678"
     code = pipeline.sandbox.mint_phone_code(APPID, phone_number=number, pure_phone_number=number)

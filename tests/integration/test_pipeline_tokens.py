@@ -30,4 +30,4 @@ def test_a_token_revoked_mid_run_is_refreshed_once_and_every_job_succeeds(pipeli
     assert 1 <= rejected <= 2
     assert phone.errcodes == {"0": 10, "40001": rejected}
     assert phone.calls == 10 + rejected
-    assert pipeline.count("SELECT count(*) FROM users WHERE phone_number IS NOT NULL") == 10
+    assert pipeline.count("SELECT count(*) FROM users WHERE phone_verified_at IS NOT NULL") == 10
