@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from bench.harness import REPO_ROOT, Bench, BenchConfig, scenario_runs
-from bench.report import evaluate_targets, render_report, write_json
+from bench.report import evaluate_targets, load_results, render_report, write_json
 
 log = logging.getLogger("bench")
 
@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--log-dir", type=Path, default=None, help="worker logs [/tmp/wxphone-bench-*]")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the tables of an earlier run and exit",
+    )
     return parser
 
 
@@ -170,6 +177,10 @@ def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report is not None:
+        results, targets, meta = load_results(args.report)
+        print(render_report(results, targets, meta))  # noqa: T201
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = config_from(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ __all__ = [
     "evaluate_targets",
     "format_table",
     "latency_summary",
+    "load_results",
     "percentile",
     "render_report",
     "windowed_rate",
@@ -401,6 +402,15 @@ def _merge_comparison(rows: Sequence[PhaseResult]) -> list[PhaseResult]:
             row.max_rss_mb = max(rss) if rss else None
         merged.append(row)
     return merged
+
+
+def load_results(path: Path) -> tuple[list[PhaseResult], list[Target], dict[str, Any]]:
+    """Read back a JSON written by the benchmark: results, targets and meta."""
+    data = json.loads(path.read_text())
+    names = {item.name for item in fields(PhaseResult)}
+    results = [PhaseResult(**{k: v for k, v in row.items() if k in names}) for row in data.get("results", [])]
+    targets = [Target(**row) for row in data.get("targets", [])]
+    return results, targets, dict(data.get("meta", {}))
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

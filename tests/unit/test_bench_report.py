@@ -13,6 +13,7 @@ from bench.report import (
     evaluate_targets,
     format_table,
     latency_summary,
+    load_results,
     percentile,
     render_report,
     windowed_rate,
@@ -122,6 +123,23 @@ class TestResultDicts:
         target = tmp_path / "results" / "latest.json"
         write_json(target, {"results": [phase().as_dict()]})
         assert json.loads(target.read_text())["results"][0]["system"] == "wxphone"
+
+    def test_results_read_back_as_written(self, tmp_path: Path) -> None:
+        target = tmp_path / "latest.json"
+        original = phase(phone_errcodes={"40029": 2}, latency_ms={"p99": 120.0})
+        checks = evaluate_targets([original])
+        write_json(
+            target,
+            {
+                "meta": {"pool": "threads"},
+                "results": [original.as_dict()],
+                "targets": [t.as_dict() for t in checks],
+            },
+        )
+        results, targets, meta = load_results(target)
+        assert results == [original]
+        assert targets == checks
+        assert meta == {"pool": "threads"}
 
 
 class TestTargets:
