@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", "-c", type=int, default=100, help="threads per worker process [100]")
     parser.add_argument("--processes", "-p", type=int, default=2, help="worker processes per system [2]")
     parser.add_argument("--pool", default="threads", choices=["threads"], help="Celery pool [threads]")
-    parser.add_argument("--jobs", type=int, default=None, help="jobs in each drain [5000; quick 1500]")
+    parser.add_argument("--jobs", type=int, default=None, help="jobs in each drain [5000; quick 1000]")
     parser.add_argument("--only", type=_systems, default=SYSTEM_NAMES, help="systems: raw,baseline,wxphone")
     parser.add_argument("--no-duplicates", action="store_true", help="skip the 10%% duplicate run")
     parser.add_argument("--no-rotation", action="store_true", help="skip the rotating classic token run")
@@ -98,15 +98,15 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         processes=args.processes,
         concurrency=args.concurrency,
         pool=args.pool,
-        jobs=args.jobs or (1500 if quick else 5000),
+        jobs=args.jobs or (1000 if quick else 5000),
         paced_seconds=5.0 if quick else 12.0,
         systems=args.only,
         duplicates=not args.no_duplicates,
-        duplicate_seconds=6.0 if quick else 15.0,
+        duplicate_seconds=5.0 if quick else 15.0,
         rotation=not args.no_rotation,
-        rotation_lifetime_seconds=8.0 if quick else 20.0,
-        rotation_grace_seconds=3.0 if quick else 5.0,
-        rotation_seconds=20.0 if quick else 60.0,
+        rotation_lifetime_seconds=6.0 if quick else 20.0,
+        rotation_grace_seconds=2.0 if quick else 5.0,
+        rotation_seconds=18.0 if quick else 60.0,
         refresh_fraction=args.refresh_fraction,
         fixed_rate=args.rate,
         scaling=args.scaling or args.full,
