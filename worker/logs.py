@@ -62,6 +62,9 @@ SENSITIVE_KEYS: tuple[str, ...] = (
 )
 #: Libraries whose DEBUG lines carry request URLs, and so the secret or token in the query.
 NOISY_HTTP_LOGGERS: tuple[str, ...] = ("urllib3", "requests")
+#: Loggers whose DEBUG lines print task arguments as the sender rendered them (positional
+#: arguments carry no key name to redact by): held at INFO or above.
+ARGUMENT_PRINTING_LOGGERS: tuple[str, ...] = ("celery.pool", "celery.worker.strategy", "celery.app.trace")
 #: Registered values shorter than this are ignored: masking every "ab" would wreck the logs, and
 #: real AppSecrets (32 characters) and access tokens (over 100) are far longer.
 MIN_SECRET_LENGTH = 6
@@ -299,6 +302,8 @@ def configure_logging(level: str, *, secrets: Iterable[str] = (), stream: TextIO
 
     for name in NOISY_HTTP_LOGGERS:
         logging.getLogger(name).setLevel(max(number, logging.WARNING))
+    for name in ARGUMENT_PRINTING_LOGGERS:
+        logging.getLogger(name).setLevel(max(number, logging.INFO))
     celery_logger = logging.getLogger("celery")
     celery_logger.setLevel(logging.NOTSET)
     celery_logger.propagate = True

@@ -190,6 +190,8 @@ class Producer:
 
     def get_job(self, job_id: str) -> JobView | None:
         """The job with this id, or None."""
+        if "\x00" in job_id:
+            return None  # PostgreSQL text cannot hold NUL, so no job has such an id
         with self.sessions() as session:
             job = session.get(PhoneJob, job_id)
             if job is None:
@@ -208,6 +210,8 @@ class Producer:
 
     def get_user(self, *, appid: str, openid: str) -> UserView | None:
         """The user (appid, openid) with the full, decrypted number, or None."""
+        if "\x00" in appid or "\x00" in openid:
+            return None
         with self.sessions() as session:
             user = session.execute(
                 select(User).where(User.appid == appid, User.openid == openid)
@@ -226,6 +230,8 @@ class Producer:
             return []
         query = select(User).where(User.phone_blind_index == index)
         if appid is not None:
+            if "\x00" in appid:
+                return []
             query = query.where(User.appid == appid)
         with self.sessions() as session:
             users = session.execute(query.order_by(User.appid, User.id)).scalars().all()

@@ -46,10 +46,10 @@ def test_repeated_submissions_of_one_code_share_the_first_exchange(pipeline: Pip
     assert (user.phone_number, user.pure_phone_number, user.country_code) == (number, number, "86")
     assert pipeline.count("SELECT count(*) FROM users") == 1
 
-    # The same code replayed under another openid ends like the first submission but gives that
-    # openid nothing: a code belongs to the user who tapped the button.
+    # The same code replayed under another openid fails code_reused and gives that openid
+    # nothing: a code belongs to the user who tapped the button.
     replay = pipeline.wait_for_job(pipeline.submit(APPID, "oSomeoneElse01", code), timeout_seconds=30)
-    assert (replay.status, replay.error_code, replay.canonical_job_id) == ("succeeded", None, owner)
+    assert (replay.status, replay.error_code, replay.canonical_job_id) == ("failed", "code_reused", owner)
     assert user_row(pipeline, APPID, "oSomeoneElse01") is None
     assert endpoint_counts(pipeline.sandbox, "phone").calls == 1
 

@@ -146,11 +146,8 @@ def test_a_job_the_broker_cannot_take_is_marked_failed(pipeline: Pipeline) -> No
     assert job.finished_at is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="get_job/get_user pass a NUL character to PostgreSQL, which raises DataError instead of None",
-)
 def test_ids_no_job_or_user_can_have_read_as_none(pipeline: Pipeline) -> None:
     # Front ends pass ids from URLs and requests straight through; %00 decodes to a NUL.
     assert pipeline.producer.get_job("job\x00id") is None
     assert pipeline.producer.get_user(appid=APPID, openid="oUser\x00") is None
+    assert pipeline.producer.find_users_by_phone(appid="wx\x00", phone_number="13800138000") == []

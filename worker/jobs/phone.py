@@ -85,6 +85,8 @@ OutcomeStatus = Literal["succeeded", "failed", "retrying", "running"]
 
 #: The error of a job whose code WeChat refused after an earlier exchange's reply was lost.
 REPLY_LOST_ERROR_CODE = "reply_lost"
+#: The error of a job whose code was first submitted for another openid.
+CODE_REUSED_ERROR_CODE = "code_reused"
 
 
 @dataclass(frozen=True)
@@ -226,29 +228,10 @@ class _JobRun:
         except RequestRejectedError as error:
             return self._reject_input(appid, openid, code, error)
         fingerprint = code_fingerprint(self.policy.fingerprint_key, job.appid, job.code)
-        with self.sessions.begin() as session:
-            record_submission(
-                session,
-                job_id=self.job_id,
-                appid=job.appid,
-                openid=job.openid,
-                fingerprint=fingerprint,
-                now=self.clock(),
-                code_lifetime_seconds=self.policy.code_lifetime_seconds,
-            )
-        claimed = self._claim_job()
-        if isinstance(claimed, JobOutcome):
-            return claimed
-        attempts, code_expires_at = claimed
-        if attempts > self.policy.max_attempts:
-            # Bounded requeue: a job whose runs keep dying (a worker OOM-killed on it, say) stops
-            # here instead of looping for ever; brokers do not count redeliveries.
-            return self._finish_without_exchange(job.appid, fingerprint, "failed", "too_many_attempts")
-        if self.clock() >= code_expires_at:
-            return self._finish_without_exchange(job.appid, fingerprint, "failed", "code_expired")
-        deferred = self._claim_code(job.appid, fingerprint, code_expires_at)
-        if deferred is not None:
-            return deferred
+        started = self._begin_attempt(job.appid, job.openid, fingerprint)
+        if isinstance(started, JobOutcome):
+            return started
+        attempts, code_expires_at = started
         try:
             if self.gate is not None:
                 self.gate.acquire(job.appid, API_PHONE)
@@ -348,34 +331,64 @@ class _JobRun:
         log.warning("phone job rejected: %s", error.error_code, extra={"job_id": self.job_id})
         return self._stored_outcome()
 
-    def _claim_job(self) -> tuple[int, datetime] | JobOutcome:
+    def _begin_attempt(self, appid: str, openid: str, fingerprint: str) -> tuple[int, datetime] | JobOutcome:
+        """Record, claim the job and claim its code in one short transaction.
+
+        Returns (attempts, code_expires_at) when this run goes on to exchange the code, or the
+        outcome of a run that must stop here.
+        """
+        with self.sessions.begin() as session:
+            record_submission(
+                session,
+                job_id=self.job_id,
+                appid=appid,
+                openid=openid,
+                fingerprint=fingerprint,
+                now=self.clock(),
+                code_lifetime_seconds=self.policy.code_lifetime_seconds,
+            )
+            claimed = self._claim_job(session)
+            if isinstance(claimed, JobOutcome):
+                return claimed
+            attempts, code_expires_at = claimed
+            if attempts > self.policy.max_attempts:
+                # Bounded requeue: a job whose runs keep dying (a worker OOM-killed on it, say)
+                # stops here instead of looping for ever; brokers do not count redeliveries.
+                return self._finish_without_exchange(session, appid, fingerprint, "too_many_attempts")
+            if self.clock() >= code_expires_at:
+                return self._finish_without_exchange(session, appid, fingerprint, "code_expired")
+            deferred = self._claim_code(session, appid, openid, fingerprint, code_expires_at)
+            if deferred is not None:
+                return deferred
+        return attempts, code_expires_at
+
+    def _claim_job(self, session: Session) -> tuple[int, datetime] | JobOutcome:
         """Compare-and-set the job to ``running``; or say why this run must not proceed."""
         now = self.clock()
         stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
         # A redelivered message takes over from its dead predecessor without waiting.
         takeover_before = now if self.redelivered else stale_before
-        with self.sessions.begin() as session:
-            row = session.execute(
-                update(PhoneJob)
-                .where(
-                    PhoneJob.job_id == self.job_id,
-                    (PhoneJob.status.in_(_CLAIMABLE))
-                    | (
-                        (PhoneJob.status == PhoneJobStatus.RUNNING.value)
-                        & (PhoneJob.claimed_at <= takeover_before)
-                    ),
-                )
-                .values(
-                    status=PhoneJobStatus.RUNNING.value,
-                    attempts=PhoneJob.attempts + 1,
-                    started_at=func.coalesce(PhoneJob.started_at, now),
-                    claimed_at=now,
-                )
-                .returning(PhoneJob.attempts, PhoneJob.code_expires_at)
-            ).one_or_none()
-            if row is not None:
-                return int(row.attempts), row.code_expires_at
-            job = session.get(PhoneJob, self.job_id)
+        row = session.execute(
+            update(PhoneJob)
+            .where(
+                PhoneJob.job_id == self.job_id,
+                (PhoneJob.status.in_(_CLAIMABLE))
+                | (
+                    (PhoneJob.status == PhoneJobStatus.RUNNING.value)
+                    & (PhoneJob.claimed_at <= takeover_before)
+                ),
+            )
+            .values(
+                status=PhoneJobStatus.RUNNING.value,
+                attempts=PhoneJob.attempts + 1,
+                started_at=func.coalesce(PhoneJob.started_at, now),
+                claimed_at=now,
+            )
+            .returning(PhoneJob.attempts, PhoneJob.code_expires_at)
+        ).one_or_none()
+        if row is not None:
+            return int(row.attempts), row.code_expires_at
+        job = session.get(PhoneJob, self.job_id)
         assert job is not None  # recorded just before
         if job.status in _TERMINAL:
             return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
@@ -385,54 +398,62 @@ class _JobRun:
         wait = (claimed_at - stale_before).total_seconds()
         return JobOutcome(self.job_id, "running", None, retry_in_seconds=max(1.0, wait))
 
-    def _claim_code(self, appid: str, fingerprint: str, code_expires_at: datetime) -> JobOutcome | None:
+    def _claim_code(
+        self, session: Session, appid: str, openid: str, fingerprint: str, code_expires_at: datetime
+    ) -> JobOutcome | None:
         """Make this job the one that exchanges the code, or defer to the job that is."""
-        with self.sessions.begin() as session:
-            session.execute(
-                insert(CodeClaim)
-                .values(
-                    appid=appid,
-                    code_fingerprint=fingerprint,
-                    job_id=self.job_id,
-                    status=CodeClaimStatus.PENDING.value,
-                )
-                .on_conflict_do_nothing(index_elements=[CodeClaim.appid, CodeClaim.code_fingerprint])
+        session.execute(
+            insert(CodeClaim)
+            .values(
+                appid=appid,
+                code_fingerprint=fingerprint,
+                job_id=self.job_id,
+                status=CodeClaimStatus.PENDING.value,
             )
-            claim = session.execute(
-                select(CodeClaim)
-                .where(CodeClaim.appid == appid, CodeClaim.code_fingerprint == fingerprint)
-                .with_for_update()
-            ).scalar_one()
-            if claim.job_id == self.job_id:
-                if claim.status in _CLAIM_TERMINAL:
-                    # Our own exchange already finished; mirror it (cannot normally happen, as
-                    # claim and job are committed together).
-                    return self._mirror_claim(session, claim)
-                if claim.status == CodeClaimStatus.EXCHANGING.value:
-                    # The previous attempt died between sending the code and recording the reply:
-                    # the one case where a code is presented to WeChat twice. Count it.
-                    session.execute(
-                        update(PhoneJob)
-                        .where(PhoneJob.job_id == self.job_id)
-                        .values(lost_replies=PhoneJob.lost_replies + 1)
-                    )
-                    log.warning("re-exchanging a code whose reply was lost", extra={"job_id": self.job_id})
-                claim.status = CodeClaimStatus.EXCHANGING.value
-                return None
-            session.execute(
-                update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(canonical_job_id=claim.job_id)
-            )
+            .on_conflict_do_nothing(index_elements=[CodeClaim.appid, CodeClaim.code_fingerprint])
+        )
+        claim = session.execute(
+            select(CodeClaim)
+            .where(CodeClaim.appid == appid, CodeClaim.code_fingerprint == fingerprint)
+            .with_for_update()
+        ).scalar_one()
+        if claim.job_id == self.job_id:
             if claim.status in _CLAIM_TERMINAL:
+                # Our own exchange already finished; mirror it (cannot normally happen, as
+                # claim and job are committed together).
                 return self._mirror_claim(session, claim)
-            if self.clock() >= code_expires_at + timedelta(seconds=self.policy.stale_claim_seconds):
-                # The first submission never finished; its code is long dead.
-                return self._finish_in(session, "failed", "code_expired")
-            # Waiting for the first submission is not an attempt at WeChat: do not count it.
-            session.execute(
-                update(PhoneJob)
-                .where(PhoneJob.job_id == self.job_id)
-                .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
-            )
+            if claim.status == CodeClaimStatus.EXCHANGING.value:
+                # The previous attempt died between sending the code and recording the reply:
+                # the one case where a code is presented to WeChat twice. Count it.
+                session.execute(
+                    update(PhoneJob)
+                    .where(PhoneJob.job_id == self.job_id)
+                    .values(lost_replies=PhoneJob.lost_replies + 1)
+                )
+                log.warning("re-exchanging a code whose reply was lost", extra={"job_id": self.job_id})
+            claim.status = CodeClaimStatus.EXCHANGING.value
+            return None
+        session.execute(
+            update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(canonical_job_id=claim.job_id)
+        )
+        first_openid = session.execute(
+            select(PhoneJob.openid).where(PhoneJob.job_id == claim.job_id)
+        ).scalar_one_or_none()
+        if first_openid is not None and first_openid != openid:
+            # A code belongs to the user who tapped the button: the same code submitted for
+            # another openid gets nothing, and says so rather than mirror the first outcome.
+            return self._finish_in(session, "failed", CODE_REUSED_ERROR_CODE)
+        if claim.status in _CLAIM_TERMINAL:
+            return self._mirror_claim(session, claim)
+        if self.clock() >= code_expires_at + timedelta(seconds=self.policy.stale_claim_seconds):
+            # The first submission never finished; its code is long dead.
+            return self._finish_in(session, "failed", "code_expired")
+        # Waiting for the first submission is not an attempt at WeChat: do not count it.
+        session.execute(
+            update(PhoneJob)
+            .where(PhoneJob.job_id == self.job_id)
+            .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
+        )
         return JobOutcome(
             self.job_id, "retrying", None, retry_in_seconds=_jitter(self.policy.duplicate_poll_seconds)
         )
@@ -453,11 +474,11 @@ class _JobRun:
         return JobOutcome(self.job_id, status, error_code)
 
     def _finish_without_exchange(
-        self, appid: str, fingerprint: str, status: Literal["failed"], error_code: str
+        self, session: Session, appid: str, fingerprint: str, error_code: str
     ) -> JobOutcome:
-        with self.sessions.begin() as session:
-            outcome = self._finish_in(session, status, error_code)
-            self._settle_claim(session, appid, fingerprint, status, error_code, only_pending=True)
+        """Fail the job before any exchange (and its code claim, if it owns a pending one)."""
+        outcome = self._finish_in(session, "failed", error_code)
+        self._settle_claim(session, appid, fingerprint, "failed", error_code, only_pending=True)
         return outcome
 
     def _open_circuit(self, appid: str) -> None:
