@@ -54,6 +54,8 @@ KNOWN_ERROR_CODES = {
     "token_invalid",
     "watermark_mismatch",
     "reply_lost",
+    "code_reused",  # the same code submitted earlier for another openid
+    "code_expired",
 }
 PROTECTION = DataProtection(
     FieldCipher(parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS), "dev"),
