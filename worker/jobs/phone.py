@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Boolean, func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,7 +38,7 @@ from models import CodeClaim, PhoneJob, User
 from models.code_claim import CodeClaimStatus
 from models.exchange_audit import AuditApi, AuditOutcome
 from models.phone_job import PhoneJobStatus
-from worker.audit import AuditEntry, clean_caller, record_exchange
+from worker.audit import AuditEntry, append_rows, audit_row, clean_caller
 from worker.crypto import (
     DataProtection,
     default_protection,
@@ -210,6 +210,8 @@ class _JobRun:
     ) -> None:
         self.gate = gate
         self.redelivered = redelivered
+        #: Audit rows of this run's WeChat calls, written with the outcome they led to.
+        self.audit_rows: list[dict[str, object]] = []
         self.job_id = job_id
         self.sessions = sessions
         self.tokens = token_service
@@ -277,6 +279,7 @@ class _JobRun:
                 .where(CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL)))
                 .values(status=CodeClaimStatus.FAILED.value, error_code="internal_error")
             )
+            self._write_audit(session)
         return self._stored_outcome()
 
     # -- steps ----------------------------------------------------------------------------
@@ -288,19 +291,22 @@ class _JobRun:
         try:
             info = self.client.get_phone_number(access_token=token, code=code, openid=openid)
         except Exception as error:
-            record_exchange(self.sessions, audit, started=started, error=error)
+            self.audit_rows.append(audit_row(audit, started=started, error=error))
             raise
         if info.watermark_appid != audit.appid:
-            record_exchange(
-                self.sessions,
-                audit,
-                started=started,
-                outcome=AuditOutcome.REJECTED,
-                error_code="watermark_mismatch",
+            self.audit_rows.append(
+                audit_row(
+                    audit, started=started, outcome=AuditOutcome.REJECTED, error_code="watermark_mismatch"
+                )
             )
         else:
-            record_exchange(self.sessions, audit, started=started)
+            self.audit_rows.append(audit_row(audit, started=started))
         return info
+
+    def _write_audit(self, session: Session) -> None:
+        """Write the buffered audit rows in ``session``'s transaction (the one recording the outcome)."""
+        append_rows(session, self.audit_rows)
+        self.audit_rows = []
 
     def _reject_input(self, appid: object, openid: object, code: object, error: WxphoneError) -> JobOutcome:
         """Record a job whose input failed validation as ``failed``; no WeChat call."""
@@ -338,16 +344,7 @@ class _JobRun:
         outcome of a run that must stop here.
         """
         with self.sessions.begin() as session:
-            record_submission(
-                session,
-                job_id=self.job_id,
-                appid=appid,
-                openid=openid,
-                fingerprint=fingerprint,
-                now=self.clock(),
-                code_lifetime_seconds=self.policy.code_lifetime_seconds,
-            )
-            claimed = self._claim_job(session)
+            claimed = self._claim_job(session, appid, openid, fingerprint)
             if isinstance(claimed, JobOutcome):
                 return claimed
             attempts, code_expires_at = claimed
@@ -362,30 +359,43 @@ class _JobRun:
                 return deferred
         return attempts, code_expires_at
 
-    def _claim_job(self, session: Session) -> tuple[int, datetime] | JobOutcome:
-        """Compare-and-set the job to ``running``; or say why this run must not proceed."""
+    def _claim_job(
+        self, session: Session, appid: str, openid: str, fingerprint: str
+    ) -> tuple[int, datetime] | JobOutcome:
+        """Record the job if new and compare-and-set it to ``running``, in one statement.
+
+        Returns (attempts, code_expires_at), or the outcome when this run must not proceed.
+        """
         now = self.clock()
         stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
         # A redelivered message takes over from its dead predecessor without waiting.
         takeover_before = now if self.redelivered else stale_before
-        row = session.execute(
-            update(PhoneJob)
-            .where(
-                PhoneJob.job_id == self.job_id,
-                (PhoneJob.status.in_(_CLAIMABLE))
-                | (
-                    (PhoneJob.status == PhoneJobStatus.RUNNING.value)
-                    & (PhoneJob.claimed_at <= takeover_before)
-                ),
-            )
-            .values(
-                status=PhoneJobStatus.RUNNING.value,
-                attempts=PhoneJob.attempts + 1,
-                started_at=func.coalesce(PhoneJob.started_at, now),
-                claimed_at=now,
-            )
-            .returning(PhoneJob.attempts, PhoneJob.code_expires_at)
-        ).one_or_none()
+        new_job = insert(PhoneJob).values(
+            job_id=self.job_id,
+            appid=appid,
+            openid=openid,
+            code_fingerprint=fingerprint,
+            status=PhoneJobStatus.RUNNING.value,
+            attempts=1,
+            created_at=now,
+            started_at=now,
+            claimed_at=now,
+            code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
+        )
+        # A job the producer recorded (or an earlier delivery) is claimed only from a claimable
+        # state; the WHERE makes the conflict branch the compare-and-set.
+        statement = new_job.on_conflict_do_update(
+            index_elements=[PhoneJob.job_id],
+            set_={
+                "status": PhoneJobStatus.RUNNING.value,
+                "attempts": PhoneJob.attempts + 1,
+                "started_at": func.coalesce(PhoneJob.started_at, new_job.excluded.started_at),
+                "claimed_at": new_job.excluded.claimed_at,
+            },
+            where=(PhoneJob.status.in_(_CLAIMABLE))
+            | ((PhoneJob.status == PhoneJobStatus.RUNNING.value) & (PhoneJob.claimed_at <= takeover_before)),
+        ).returning(PhoneJob.attempts, PhoneJob.code_expires_at)
+        row = session.execute(statement).one_or_none()
         if row is not None:
             return int(row.attempts), row.code_expires_at
         job = session.get(PhoneJob, self.job_id)
@@ -402,26 +412,32 @@ class _JobRun:
         self, session: Session, appid: str, openid: str, fingerprint: str, code_expires_at: datetime
     ) -> JobOutcome | None:
         """Make this job the one that exchanges the code, or defer to the job that is."""
-        session.execute(
-            insert(CodeClaim)
-            .values(
-                appid=appid,
-                code_fingerprint=fingerprint,
-                job_id=self.job_id,
-                status=CodeClaimStatus.PENDING.value,
-            )
-            .on_conflict_do_nothing(index_elements=[CodeClaim.appid, CodeClaim.code_fingerprint])
+        new_claim = insert(CodeClaim).values(
+            appid=appid,
+            code_fingerprint=fingerprint,
+            job_id=self.job_id,
+            status=CodeClaimStatus.EXCHANGING.value,
         )
+        # On a conflict the no-op update locks the existing claim and returns it unchanged; a
+        # fresh code (the common case) is claimed and marked exchanging by this one statement.
         claim = session.execute(
-            select(CodeClaim)
-            .where(CodeClaim.appid == appid, CodeClaim.code_fingerprint == fingerprint)
-            .with_for_update()
-        ).scalar_one()
+            new_claim.on_conflict_do_update(
+                index_elements=[CodeClaim.appid, CodeClaim.code_fingerprint],
+                set_={"job_id": CodeClaim.job_id},
+            ).returning(
+                CodeClaim.job_id,
+                CodeClaim.status,
+                CodeClaim.error_code,
+                literal_column("xmax = 0", Boolean).label("inserted"),
+            )
+        ).one()
+        if claim.inserted:
+            return None
         if claim.job_id == self.job_id:
             if claim.status in _CLAIM_TERMINAL:
                 # Our own exchange already finished; mirror it (cannot normally happen, as
                 # claim and job are committed together).
-                return self._mirror_claim(session, claim)
+                return self._mirror_claim(session, claim.status, claim.error_code)
             if claim.status == CodeClaimStatus.EXCHANGING.value:
                 # The previous attempt died between sending the code and recording the reply:
                 # the one case where a code is presented to WeChat twice. Count it.
@@ -431,7 +447,8 @@ class _JobRun:
                     .values(lost_replies=PhoneJob.lost_replies + 1)
                 )
                 log.warning("re-exchanging a code whose reply was lost", extra={"job_id": self.job_id})
-            claim.status = CodeClaimStatus.EXCHANGING.value
+            else:
+                self._set_claim(session, appid, fingerprint, CodeClaimStatus.EXCHANGING.value, None)
             return None
         session.execute(
             update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(canonical_job_id=claim.job_id)
@@ -444,7 +461,7 @@ class _JobRun:
             # another openid gets nothing, and says so rather than mirror the first outcome.
             return self._finish_in(session, "failed", CODE_REUSED_ERROR_CODE)
         if claim.status in _CLAIM_TERMINAL:
-            return self._mirror_claim(session, claim)
+            return self._mirror_claim(session, claim.status, claim.error_code)
         if self.clock() >= code_expires_at + timedelta(seconds=self.policy.stale_claim_seconds):
             # The first submission never finished; its code is long dead.
             return self._finish_in(session, "failed", "code_expired")
@@ -458,10 +475,10 @@ class _JobRun:
             self.job_id, "retrying", None, retry_in_seconds=_jitter(self.policy.duplicate_poll_seconds)
         )
 
-    def _mirror_claim(self, session: Session, claim: CodeClaim) -> JobOutcome:
-        if claim.status == CodeClaimStatus.SUCCEEDED.value:
+    def _mirror_claim(self, session: Session, claim_status: str, claim_error_code: str | None) -> JobOutcome:
+        if claim_status == CodeClaimStatus.SUCCEEDED.value:
             return self._finish_in(session, "succeeded", None)
-        return self._finish_in(session, "failed", claim.error_code)
+        return self._finish_in(session, "failed", claim_error_code)
 
     def _finish_in(
         self, session: Session, status: Literal["succeeded", "failed"], error_code: str | None
@@ -536,6 +553,7 @@ class _JobRun:
                 values["lost_replies"] = PhoneJob.lost_replies + 1
             session.execute(update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(**values))
             self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
+            self._write_audit(session)
         log.info("phone job retries in %.1fs: %s", delay, error, extra={"job_id": self.job_id})
         return JobOutcome(self.job_id, "retrying", error.error_code, retry_in_seconds=delay)
 
@@ -592,6 +610,7 @@ class _JobRun:
                 .values(**values)
             )
             self._settle_claim(session, appid, fingerprint, status, final_code, only_pending=False)
+            self._write_audit(session)
             return JobOutcome(self.job_id, status, final_code)
 
         return self._commit_with_retry(write)
