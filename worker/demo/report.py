@@ -219,6 +219,8 @@ class Summary:
     elapsed_seconds: float
     jobs_per_second: float
     checks: list[Check] = field(default_factory=list)
+    #: The kinds of the faults that were injected (a short run may end before the last ones).
+    faults_injected: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -303,6 +305,7 @@ def summarise(
     front_end_errors: Mapping[str, int],
     sandbox_stats: Mapping[str, Any],
     appids: Sequence[str],
+    faults_injected: Sequence[str] = (),
 ) -> Summary:
     """Figures and checks of one run, from the stored jobs and the sandbox's counters."""
     stored = [jobs[each.job_id] for each in submissions if each.job_id in jobs]
@@ -369,6 +372,7 @@ def summarise(
         elapsed_seconds=round(elapsed, 2),
         jobs_per_second=round(terminal / elapsed, 1) if elapsed > 0 else 0.0,
         checks=checks,
+        faults_injected=list(faults_injected),
     )
 
 

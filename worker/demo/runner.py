@@ -67,6 +67,7 @@ from worker.localservices import (
 from worker.producer import Producer
 from worker.sandbox.admin import SandboxAdmin
 from worker.settings import Settings
+from worker.wechat.errors import API_CLASSIC_TOKEN
 
 __all__ = ["DemoError", "DemoOptions", "run_demo"]
 
@@ -78,6 +79,8 @@ TOKEN_STORE_DB = 3
 TOKEN_LIFETIME_SECONDS = 8.0
 TOKEN_CHECK_INTERVAL_SECONDS = 2.0
 TOKEN_REFRESH_FRACTION = 0.5
+#: The revocation waits at most this long for a token renewal to follow (see FaultInjector).
+REVOKE_WAIT_MAX_SECONDS = TOKEN_LIFETIME_SECONDS
 #: Retries after a fault come quickly, so the run stays short.
 RETRY_BACKOFF_BASE_SECONDS = 0.5
 RETRY_BACKOFF_MAX_SECONDS = 4.0
@@ -391,16 +394,53 @@ class Progress:
             self._drawn = False
 
 
-def inject_fault(admin: SandboxAdmin, step: FaultStep, appids: tuple[str, ...]) -> None:
-    """Put one scheduled fault into the sandbox."""
-    if step.kind == "busy":
-        admin.inject_fault("phone", errcode=-1, times=step.times)
-    elif step.kind == "http_502":
-        admin.inject_fault("phone", http_status=502, times=step.times)
-    elif step.kind == "drop":
-        admin.inject_fault("phone", drop_connection=True, times=step.times)
-    else:
-        admin.revoke_tokens(appids[0])
+class FaultInjector:
+    """Injects the scheduled faults into the sandbox as the submissions reach each one's share.
+
+    The revocation waits (a few seconds at most) until beat has just renewed that app's token:
+    a revocation right before a scheduled renewal would be repaired by the renewal before any job
+    met a 40001, and the run would show nothing of the recovery.
+    """
+
+    def __init__(self, admin: SandboxAdmin, appids: tuple[str, ...], total_jobs: int) -> None:
+        self.admin = admin
+        self.appids = appids
+        self.total_jobs = total_jobs
+        self.pending = fault_schedule(appids)
+        self.injected: list[str] = []
+        self._revoke_armed_at: float | None = None
+        self._tokens_at_arming = 0
+
+    def poll(self, submitted: int, announce: Callable[[str], None]) -> None:
+        """Inject every fault that is due now."""
+        while self.pending and submitted >= self.pending[0].at_share * self.total_jobs:
+            step = self.pending[0]
+            if step.kind == "revoke" and not self._just_renewed():
+                return
+            self._inject(step)
+            self.injected.append(self.pending.pop(0).kind)
+            announce(f"fault injected after {submitted} jobs: {step.description}")
+
+    def _tokens_issued(self) -> int:
+        per_app = self.admin.stats()["apps"].get(self.appids[0], {})
+        return int(per_app.get(API_CLASSIC_TOKEN, {}).get("tokens_issued", 0))
+
+    def _just_renewed(self) -> bool:
+        if self._revoke_armed_at is None:
+            self._revoke_armed_at, self._tokens_at_arming = time.monotonic(), self._tokens_issued()
+            return False
+        waited = time.monotonic() - self._revoke_armed_at
+        return waited >= REVOKE_WAIT_MAX_SECONDS or self._tokens_issued() > self._tokens_at_arming
+
+    def _inject(self, step: FaultStep) -> None:
+        if step.kind == "busy":
+            self.admin.inject_fault("phone", errcode=-1, times=step.times)
+        elif step.kind == "http_502":
+            self.admin.inject_fault("phone", http_status=502, times=step.times)
+        elif step.kind == "drop":
+            self.admin.inject_fault("phone", drop_connection=True, times=step.times)
+        else:
+            self.admin.revoke_tokens(self.appids[0])
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -468,36 +508,51 @@ def run_demo(
     interrupted = False
     state = RunState()
     status = 1
-    try:
-        with _interrupt_on_signals():
+    with _interrupt_on_signals():
+        try:
             status = _run(options, settings, inherited_env, interactive, log_dir, stack, state)
-    except KeyboardInterrupt:
-        interrupted = True
+        except KeyboardInterrupt:
+            interrupted = True
+            status = 130
+        except NotInstalledError as error:
+            say(f"{error.reason}. Install it with:")
+            click.echo(error.install_command)
+        except (DemoError, DemoProcessError, ServiceError) as error:
+            say(f"FAILED: {error}")
+        except Exception as error:
+            say(f"FAILED: {type(error).__name__}: {error}")
+        finally:
+            # First thing: from here on a second Ctrl-C must not cut the clean-up short.
+            with _signals_ignored():
+                _finish(options, state, stack, log_dir, status=status, interrupted=interrupted)
+                say(f"total time {time.monotonic() - started_at:.1f} s")
+    return status
+
+
+def _finish(
+    options: DemoOptions,
+    state: RunState,
+    stack: contextlib.ExitStack,
+    log_dir: Path,
+    *,
+    status: int,
+    interrupted: bool,
+) -> None:
+    """Stop what the run started, or with --keep-running say how to stop it."""
+    if interrupted:
         click.echo()
         say("interrupted")
-        status = 130
-    except NotInstalledError as error:
-        say(f"{error.reason}. Install it with:")
-        click.echo(error.install_command)
-    except (DemoError, DemoProcessError, ServiceError) as error:
-        say(f"FAILED: {error}")
-    except Exception as error:
-        say(f"FAILED: {type(error).__name__}: {error}")
-    finally:
-        if status != 0 and not interrupted:
-            _show_worker_log(log_dir)
-        if options.keep_running and state.finished and state.processes is not None:
-            stack.pop_all()
-            if state.lock is not None:
-                state.lock.keep_for([process.pid for process in state.processes.all()])
-            _explain_still_running(state.processes, state.backing, options)
-        else:
-            with _signals_ignored():
-                say("cleaning up: stopping what the demo started")
-                stack.close()
-        say(f"logs: {log_dir}")
-        say(f"total time {time.monotonic() - started_at:.1f} s")
-    return status
+    elif status != 0:
+        _show_worker_log(log_dir)
+    if options.keep_running and state.finished and state.processes is not None:
+        stack.pop_all()
+        if state.lock is not None:
+            state.lock.keep_for([process.pid for process in state.processes.all()])
+        _explain_still_running(state.processes, state.backing, options)
+    else:
+        say("cleaning up: stopping what the demo started")
+        stack.close()
+    say(f"logs: {log_dir}")
 
 
 def _run(
@@ -566,7 +621,8 @@ def _run(
     )
     stack.callback(front_ends.stop)
     admin = SandboxAdmin(processes.sandbox_url)
-    _play(front_ends, processes, admin, engine, total_jobs, options, interactive, appids)
+    faults = FaultInjector(admin, appids, total_jobs)
+    _play(front_ends, processes, faults, engine, total_jobs, options, interactive)
 
     submissions = front_ends.submissions()
     rows, total_users = read_user_rows(engine, producer)
@@ -582,6 +638,7 @@ def _run(
         front_end_errors=front_ends.errors(),
         sandbox_stats=admin.stats(),
         appids=appids,
+        faults_injected=faults.injected,
     )
     click.echo()
     for line in render_table(rows, total_users):
@@ -607,15 +664,13 @@ def _json_ready(value: Any) -> Any:
 def _play(
     front_ends: FrontEnds,
     processes: Processes,
-    admin: SandboxAdmin,
+    faults: FaultInjector,
     engine: Engine,
     total_jobs: int,
     options: DemoOptions,
     interactive: bool,
-    appids: tuple[str, ...],
 ) -> None:
     """Run the front ends, inject the faults on schedule and draw progress until all jobs end."""
-    faults = fault_schedule(appids)
     progress = Progress(total_jobs, interactive=interactive)
     deadline = time.monotonic() + options.timeout_seconds
     front_ends.start()
@@ -623,10 +678,7 @@ def _play(
         while True:
             processes.check_alive()
             submitted = front_ends.submitted
-            while faults and submitted >= faults[0].at_share * total_jobs:
-                step = faults.pop(0)
-                inject_fault(admin, step, appids)
-                progress.event(f"fault injected after {submitted} jobs: {step.description}")
+            faults.poll(submitted, progress.event)
             finished = count_terminal_jobs(engine)
             progress.update(finished, submitted)
             if not front_ends.running() and finished >= front_ends.submitted:
