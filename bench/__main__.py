@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     config = config_from(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C stops the run cleanly even when started from a shell that ignores SIGINT for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.time()
     data: dict[str, Any] = {}
     try:
