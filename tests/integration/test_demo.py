@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -66,6 +67,7 @@ def test_the_demo_runs_every_job_to_the_expected_end_and_leaves_nothing_running(
         "--seed",
         "7",
     ]
+    output = ""
     try:
         completed = subprocess.run(
             command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False
@@ -116,3 +118,6 @@ def test_the_demo_runs_every_job_to_the_expected_end_and_leaves_nothing_running(
         drop_database(
             make_url(database_url).set(database=demo_database).render_as_string(hide_password=False)
         )
+        # The demo keeps its process logs for the curious; a test run has no use for them.
+        for log_dir in re.findall(r"^demo: logs: (\S+)$", output, flags=re.MULTILINE):
+            shutil.rmtree(log_dir, ignore_errors=True)
