@@ -52,6 +52,7 @@ from worker.demo.report import (
     summarise,
 )
 from worker.demo.scenario import DEMO_APPS, FaultStep, build_plan, fault_schedule
+from worker.errors import WxphoneError
 from worker.jobs.phone import JobPolicy
 from worker.localservices import (
     NotInstalledError,
@@ -67,7 +68,7 @@ from worker.localservices import (
 from worker.producer import Producer
 from worker.sandbox.admin import SandboxAdmin
 from worker.settings import Settings
-from worker.wechat.errors import API_CLASSIC_TOKEN
+from worker.tokens.store import TokenStore
 
 __all__ = ["DemoError", "DemoOptions", "run_demo"]
 
@@ -79,7 +80,9 @@ TOKEN_STORE_DB = 3
 TOKEN_LIFETIME_SECONDS = 8.0
 TOKEN_CHECK_INTERVAL_SECONDS = 2.0
 TOKEN_REFRESH_FRACTION = 0.5
-#: The revocation waits at most this long for a token renewal to follow (see FaultInjector).
+#: The revocation goes in when the token has at least this long until its renewal, and waits
+#: for that at most the second figure (see FaultInjector).
+REVOKE_BEFORE_RENEWAL_SECONDS = 2.0
 REVOKE_WAIT_MAX_SECONDS = TOKEN_LIFETIME_SECONDS
 #: Retries after a fault come quickly, so the run stays short.
 RETRY_BACKOFF_BASE_SECONDS = 0.5
@@ -397,40 +400,43 @@ class Progress:
 class FaultInjector:
     """Injects the scheduled faults into the sandbox as the submissions reach each one's share.
 
-    The revocation waits (a few seconds at most) until beat has just renewed that app's token:
-    a revocation right before a scheduled renewal would be repaired by the renewal before any job
-    met a 40001, and the run would show nothing of the recovery.
+    The revocation waits while that app's token is about to be renewed: beat's renewal would
+    replace the revoked token before any job met a 40001, and the run would show nothing of the
+    recovery. So it goes in when the stored token has a few seconds left before its renewal.
     """
 
-    def __init__(self, admin: SandboxAdmin, appids: tuple[str, ...], total_jobs: int) -> None:
+    def __init__(
+        self, admin: SandboxAdmin, tokens: TokenStore, appids: tuple[str, ...], total_jobs: int
+    ) -> None:
         self.admin = admin
+        self.tokens = tokens
         self.appids = appids
         self.total_jobs = total_jobs
         self.pending = fault_schedule(appids)
         self.injected: list[str] = []
-        self._revoke_armed_at: float | None = None
-        self._tokens_at_arming = 0
+        self._revoke_due_at: float | None = None
 
     def poll(self, submitted: int, announce: Callable[[str], None]) -> None:
         """Inject every fault that is due now."""
         while self.pending and submitted >= self.pending[0].at_share * self.total_jobs:
             step = self.pending[0]
-            if step.kind == "revoke" and not self._just_renewed():
+            if step.kind == "revoke" and not self._revoke_shows(time.monotonic()):
                 return
             self._inject(step)
             self.injected.append(self.pending.pop(0).kind)
             announce(f"fault injected after {submitted} jobs: {step.description}")
 
-    def _tokens_issued(self) -> int:
-        per_app = self.admin.stats()["apps"].get(self.appids[0], {})
-        return int(per_app.get(API_CLASSIC_TOKEN, {}).get("tokens_issued", 0))
-
-    def _just_renewed(self) -> bool:
-        if self._revoke_armed_at is None:
-            self._revoke_armed_at, self._tokens_at_arming = time.monotonic(), self._tokens_issued()
+    def _revoke_shows(self, now: float) -> bool:
+        """Whether a revocation now would be met by jobs before a renewal repairs it."""
+        if self._revoke_due_at is None:
+            self._revoke_due_at = now
+        if now - self._revoke_due_at >= REVOKE_WAIT_MAX_SECONDS:
+            return True
+        try:
+            token = self.tokens.read(self.appids[0])
+        except WxphoneError:
             return False
-        waited = time.monotonic() - self._revoke_armed_at
-        return waited >= REVOKE_WAIT_MAX_SECONDS or self._tokens_issued() > self._tokens_at_arming
+        return token is not None and token.refresh_at - time.time() >= REVOKE_BEFORE_RENEWAL_SECONDS
 
     def _inject(self, step: FaultStep) -> None:
         if step.kind == "busy":
@@ -621,7 +627,9 @@ def _run(
     )
     stack.callback(front_ends.stop)
     admin = SandboxAdmin(processes.sandbox_url)
-    faults = FaultInjector(admin, appids, total_jobs)
+    token_client = _redis_client(backing.redis_url)
+    stack.callback(token_client.close)
+    faults = FaultInjector(admin, TokenStore(token_client, mode="classic"), appids, total_jobs)
     _play(front_ends, processes, faults, engine, total_jobs, options, interactive)
 
     submissions = front_ends.submissions()
