@@ -52,7 +52,7 @@ task_track_started = False
 worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
 worker_send_task_events = False
-worker_cancel_long_running_tasks_on_connection_loss = True
+worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 
@@ -66,6 +66,8 @@ redis_max_connections = BROKER_MAX_CONNECTIONS
 broker_transport_options: dict[str, Any] = {
     "max_connections": BROKER_MAX_CONNECTIONS,
     "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
     "socket_timeout": 10,
     "socket_connect_timeout": 5,
     "socket_keepalive": True,

@@ -18,6 +18,7 @@ import random
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 
 from worker.app import app
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 RESOLVE_PHONE = "wxphone.resolve_phone"
 LOGIN = "wxphone.login"
 SWEEP_STUCK_JOBS = "wxphone.sweep_stuck_jobs"
+
+
+def _retry(task: Task, countdown: float) -> Exception:
+    """``task.retry``; when the retry cannot be published (broker down), requeue the message
+    instead of dropping it: Celery rejects it *without* requeue, which loses the job."""
+    try:
+        retry: Exception = task.retry(countdown=countdown)
+    except Reject as rejected:
+        return Reject(rejected.reason, requeue=True)
+    return retry
 
 
 def _database_backoff(retries: int) -> float:
@@ -66,9 +77,9 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning(
             "database error, job retries: %s", type(error).__name__, extra={"job_id": self.request.id}
         )
-        raise self.retry(countdown=_database_backoff(self.request.retries)) from None
+        raise _retry(self, _database_backoff(self.request.retries)) from None
     if outcome.retry_in_seconds is not None:
-        raise self.retry(countdown=outcome.retry_in_seconds)
+        raise _retry(self, outcome.retry_in_seconds)
     return outcome.as_result()
 
 
@@ -95,9 +106,9 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning(
             "database error, login retries: %s", type(error).__name__, extra={"task_id": self.request.id}
         )
-        raise self.retry(countdown=_database_backoff(self.request.retries)) from None
+        raise _retry(self, _database_backoff(self.request.retries)) from None
     if outcome.retry_in_seconds is not None:
-        raise self.retry(countdown=outcome.retry_in_seconds)
+        raise _retry(self, outcome.retry_in_seconds)
     return outcome.as_result()
 
 
