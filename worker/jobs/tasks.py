@@ -40,7 +40,8 @@ def _retry(task: Task, countdown: float) -> Exception:
     try:
         retry: Exception = task.retry(countdown=countdown)
     except Reject as rejected:
-        return Reject(rejected.reason, requeue=True)
+        requeued: Exception = Reject(rejected.reason, requeue=True)
+        return requeued
     return retry
 
 
