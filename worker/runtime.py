@@ -169,4 +169,8 @@ def reset_runtime() -> None:
     """Forget the runtime (in a forked child: without closing the parent's sockets)."""
     global _runtime
     with _lock:
+        if _runtime is not None and "engine" in _runtime.__dict__:
+            # Drop the inherited pooled connections without closing them: they are the parent's
+            # sockets (SQLAlchemy's advice for forked processes).
+            _runtime.engine.dispose(close=False)
         _runtime = None
