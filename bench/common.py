@@ -157,6 +157,7 @@ def make_celery_app(name: str, broker_url: str) -> Celery:
 def http_session() -> requests.Session:
     """A pooled keep-alive session shaped like wxphone's (no adapter retries)."""
     session = requests.Session()
+    session.trust_env = False  # as wxphone's: no environment scan on every call
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=HTTP_POOL_SIZE, max_retries=0)
     session.mount("http://", adapter)
     return session

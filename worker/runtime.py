@@ -66,6 +66,12 @@ class Runtime:
     def wechat_client(self) -> WeChatClient:
         """The WeChat API client with pooled keep-alive connections."""
         session = requests.Session()
+        # Proxies come from the settings only; with trust_env on, requests would also scan the
+        # environment (proxies, netrc, CA bundle variables) on every single call.
+        session.trust_env = False
+        proxy = self.settings.wechat_proxy_url
+        if proxy:
+            session.proxies = {"http": proxy, "https": proxy}
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=CONNECTION_POOL_SIZE, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)

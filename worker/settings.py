@@ -290,6 +290,10 @@ class Settings(BaseSettings):
     # Outgoing HTTP to WeChat: (connect, read) timeouts on every request.
     http_connect_timeout_seconds: float = Field(default=3.05, gt=0)
     http_read_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: Proxy for every call to WeChat (``http://host:port``), for hosts that reach the internet
+    #: only through one. The HTTP client never reads HTTP(S)_PROXY itself: settings are the one
+    #: source of configuration (and requests would re-read the environment on every call).
+    wechat_proxy_url: str | None = Field(default=None, repr=False)
 
     # Phone-code jobs.
     fingerprint_key: str = Field(default=DEVELOPMENT_FINGERPRINT_KEY, min_length=16, repr=False)
@@ -393,6 +397,15 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis:// or rediss:// URL")
+        return value
+
+    @field_validator("wechat_proxy_url")
+    @classmethod
+    def _check_proxy_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://", "socks5://", "socks5h://")):
+            raise ValueError("must be an http://, https:// or socks5:// URL")
         return value
 
     @field_validator("wechat_api_base")

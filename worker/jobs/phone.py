@@ -23,18 +23,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Boolean, func, literal_column, select, update
+from sqlalchemy import Boolean, Engine, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from models import CodeClaim, PhoneJob, User
+from models import CodeClaim, PhoneJob
 from models.code_claim import CodeClaimStatus
 from models.exchange_audit import AuditApi, AuditOutcome
 from models.phone_job import PhoneJobStatus
@@ -43,7 +43,6 @@ from worker.crypto import (
     DataProtection,
     default_protection,
     mask_phone_number,
-    row_key_version,
     users_context,
 )
 from worker.errors import (
@@ -52,6 +51,7 @@ from worker.errors import (
     RetryLaterError,
     WxphoneError,
 )
+from worker.jobs.statements import PhoneFields, claim_job_and_code, record_phone_success
 from worker.jobs.validation import (
     code_fingerprint,
     display_identifier,
@@ -161,7 +161,7 @@ def resolve_phone_job(
     appid: object,
     openid: object,
     code: object,
-    sessions: sessionmaker[Session],
+    engine: Engine,
     token_service: TokenService,
     client: WeChatClient,
     policy: JobPolicy,
@@ -180,7 +180,7 @@ def resolve_phone_job(
     (its worker was killed, or it outlived the visibility timeout, which exceeds any run): such a
     delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
     """
-    run = _JobRun(job_id, sessions, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
+    run = _JobRun(job_id, engine, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
     run.protection = protection or default_protection()
     run.caller = clean_caller(caller)
     try:
@@ -199,7 +199,7 @@ class _JobRun:
     def __init__(
         self,
         job_id: str,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         token_service: TokenService,
         client: WeChatClient,
         policy: JobPolicy,
@@ -213,7 +213,9 @@ class _JobRun:
         #: Audit rows of this run's WeChat calls, written with the outcome they led to.
         self.audit_rows: list[dict[str, object]] = []
         self.job_id = job_id
-        self.sessions = sessions
+        self.engine = engine
+        # The two hot-path statements are each their own transaction (worker.jobs.statements).
+        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.tokens = token_service
         self.client = client
         self.policy = policy
@@ -240,7 +242,7 @@ class _JobRun:
         except LocallyRateLimitedError as error:
             return self._defer(job.appid, fingerprint, error, code_expires_at)
         except CircuitOpenError as error:
-            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+            return self._finish_exchange(job.appid, fingerprint, error)
         except RetryLaterError as error:
             return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
         audit = AuditEntry(AuditApi.PHONE, job.appid, job.openid, self.job_id, fingerprint, self.caller)
@@ -255,20 +257,18 @@ class _JobRun:
                 log.error("phone job needs an operator: %s", error, extra={"job_id": self.job_id})
             if isinstance(error, WeChatQuotaExhaustedError):
                 self._open_circuit(job.appid)
-            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+            return self._finish_exchange(job.appid, fingerprint, error)
         except WxphoneError as error:  # TokenInvalidError cannot escape call_with_token; be safe
-            return self._finish_exchange(job.appid, fingerprint, None, "failed", error)
+            return self._finish_exchange(job.appid, fingerprint, error)
         if info.watermark_appid != job.appid:
             log.error("phone_info watermark names another app", extra={"job_id": self.job_id})
-            return self._finish_exchange(
-                job.appid, fingerprint, None, "failed", None, error_code="watermark_mismatch"
-            )
-        return self._finish_exchange(job.appid, fingerprint, (job.openid, info), "succeeded", None)
+            return self._finish_exchange(job.appid, fingerprint, None, error_code="watermark_mismatch")
+        return self._record_success(job.appid, job.openid, fingerprint, info)
 
     def fail_unexpectedly(self) -> JobOutcome:
         """Close the job as ``internal_error`` (and its code claim, if it owns one)."""
         now = self.clock()
-        with self.sessions.begin() as session:
+        with self._transaction() as session:
             session.execute(
                 update(PhoneJob)
                 .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
@@ -313,7 +313,7 @@ class _JobRun:
         safe_appid = display_identifier(appid, limit=64)
         raw_code = code if isinstance(code, str) else repr(type(code))
         now = self.clock()
-        with self.sessions.begin() as session:
+        with self._transaction() as session:
             record_submission(
                 session,
                 job_id=self.job_id,
@@ -338,16 +338,34 @@ class _JobRun:
         return self._stored_outcome()
 
     def _begin_attempt(self, appid: str, openid: str, fingerprint: str) -> tuple[int, datetime] | JobOutcome:
-        """Record, claim the job and claim its code in one short transaction.
+        """Record and claim the job, then claim its code.
 
-        Returns (attempts, code_expires_at) when this run goes on to exchange the code, or the
-        outcome of a run that must stop here.
+        The common case (a fresh job with a fresh code) is one statement. Returns (attempts,
+        code_expires_at) when this run goes on to exchange the code, or the outcome of a run that
+        must stop here.
         """
-        with self.sessions.begin() as session:
-            claimed = self._claim_job(session, appid, openid, fingerprint)
-            if isinstance(claimed, JobOutcome):
-                return claimed
-            attempts, code_expires_at = claimed
+        now = self.clock()
+        stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
+        with self.autocommit.connect() as connection:
+            claimed = claim_job_and_code(
+                connection,
+                job_id=self.job_id,
+                appid=appid,
+                openid=openid,
+                fingerprint=fingerprint,
+                now=now,
+                code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
+                # A redelivered message takes over from its dead predecessor without waiting.
+                takeover_before=now if self.redelivered else stale_before,
+                max_attempts=self.policy.max_attempts,
+            )
+        if claimed is None:
+            return self._not_claimable(now, stale_before)
+        attempts, code_expires_at = claimed.attempts, claimed.code_expires_at
+        if claimed.code_claimed:
+            return attempts, code_expires_at
+        # The job is ours; its code was claimed before or the job may not go on.
+        with self._transaction() as session:
             if attempts > self.policy.max_attempts:
                 # Bounded requeue: a job whose runs keep dying (a worker OOM-killed on it, say)
                 # stops here instead of looping for ever; brokers do not count redeliveries.
@@ -359,47 +377,11 @@ class _JobRun:
                 return deferred
         return attempts, code_expires_at
 
-    def _claim_job(
-        self, session: Session, appid: str, openid: str, fingerprint: str
-    ) -> tuple[int, datetime] | JobOutcome:
-        """Record the job if new and compare-and-set it to ``running``, in one statement.
-
-        Returns (attempts, code_expires_at), or the outcome when this run must not proceed.
-        """
-        now = self.clock()
-        stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
-        # A redelivered message takes over from its dead predecessor without waiting.
-        takeover_before = now if self.redelivered else stale_before
-        new_job = insert(PhoneJob).values(
-            job_id=self.job_id,
-            appid=appid,
-            openid=openid,
-            code_fingerprint=fingerprint,
-            status=PhoneJobStatus.RUNNING.value,
-            attempts=1,
-            created_at=now,
-            started_at=now,
-            claimed_at=now,
-            code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
-        )
-        # A job the producer recorded (or an earlier delivery) is claimed only from a claimable
-        # state; the WHERE makes the conflict branch the compare-and-set.
-        statement = new_job.on_conflict_do_update(
-            index_elements=[PhoneJob.job_id],
-            set_={
-                "status": PhoneJobStatus.RUNNING.value,
-                "attempts": PhoneJob.attempts + 1,
-                "started_at": func.coalesce(PhoneJob.started_at, new_job.excluded.started_at),
-                "claimed_at": new_job.excluded.claimed_at,
-            },
-            where=(PhoneJob.status.in_(_CLAIMABLE))
-            | ((PhoneJob.status == PhoneJobStatus.RUNNING.value) & (PhoneJob.claimed_at <= takeover_before)),
-        ).returning(PhoneJob.attempts, PhoneJob.code_expires_at)
-        row = session.execute(statement).one_or_none()
-        if row is not None:
-            return int(row.attempts), row.code_expires_at
-        job = session.get(PhoneJob, self.job_id)
-        assert job is not None  # recorded just before
+    def _not_claimable(self, now: datetime, stale_before: datetime) -> JobOutcome:
+        """The outcome of a run that found its job terminal or running elsewhere."""
+        with Session(self.engine) as session:
+            job = session.get(PhoneJob, self.job_id)
+        assert job is not None  # the claim statement records it
         if job.status in _TERMINAL:
             return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
         # Another delivery of this job is running right now (or its worker died moments ago):
@@ -518,10 +500,8 @@ class _JobRun:
         """Hold the job back for the fleet-wide limit without counting an attempt (no call was made)."""
         delay = error.wait_seconds + random.uniform(0.0, 1.0)
         if self.clock() + timedelta(seconds=delay) >= code_expires_at:
-            return self._finish_exchange(
-                appid, fingerprint, None, "failed", None, error_code="upstream_unavailable"
-            )
-        with self.sessions.begin() as session:
+            return self._finish_exchange(appid, fingerprint, None, error_code="upstream_unavailable")
+        with self._transaction() as session:
             session.execute(
                 update(PhoneJob)
                 .where(PhoneJob.job_id == self.job_id)
@@ -544,10 +524,8 @@ class _JobRun:
             log.warning(
                 "phone job gave up after %d attempts: %s", attempts, error, extra={"job_id": self.job_id}
             )
-            return self._finish_exchange(
-                appid, fingerprint, None, "failed", None, error_code="upstream_unavailable", rid=rid
-            )
-        with self.sessions.begin() as session:
+            return self._finish_exchange(appid, fingerprint, None, error_code="upstream_unavailable", rid=rid)
+        with self._transaction() as session:
             values: dict[str, Any] = {"status": PhoneJobStatus.RETRYING.value, "last_rid": rid}
             if lost_reply:
                 values["lost_replies"] = PhoneJob.lost_replies + 1
@@ -565,33 +543,48 @@ class _JobRun:
         exponential = self.policy.retry_backoff_base_seconds * 2 ** max(0, attempts - 1)
         return _jitter(min(self.policy.retry_backoff_max_seconds, exponential))
 
+    def _record_success(self, appid: str, openid: str, fingerprint: str, info: PhoneInfo) -> JobOutcome:
+        """Commit the number with the job's and the code claim's success and the audit rows, in
+        one statement (worker.jobs.statements)."""
+        protection = self.protection or default_protection()
+        fields = _protect(info, appid=appid, openid=openid, protection=protection)
+
+        def write() -> JobOutcome:
+            with self.autocommit.connect() as connection:
+                record_phone_success(
+                    connection,
+                    job_id=self.job_id,
+                    appid=appid,
+                    openid=openid,
+                    fingerprint=fingerprint,
+                    fields=fields,
+                    now=self.clock(),
+                    audit_rows=self.audit_rows,
+                )
+            self.audit_rows = []
+            return JobOutcome(self.job_id, "succeeded", None)
+
+        return self._commit_with_retry(write)
+
     def _finish_exchange(
         self,
         appid: str,
         fingerprint: str,
-        result: tuple[str, PhoneInfo] | None,
-        status: Literal["succeeded", "failed"],
         error: WxphoneError | None,
         *,
         error_code: str | None = None,
         rid: str | None = None,
     ) -> JobOutcome:
-        """Commit the exchange's outcome: user phone fields, job state and code claim together."""
+        """Commit a failed exchange's outcome: job state, code claim and audit rows together."""
         code = error_code or (error.error_code if error is not None else None)
         last_rid = rid or (error.rid if isinstance(error, WeChatError) else None)
 
-        def write(session: Session) -> JobOutcome:
+        def write() -> JobOutcome:
+            with self._transaction() as session:
+                return write_in(session)
+
+        def write_in(session: Session) -> JobOutcome:
             now = self.clock()
-            if result is not None:
-                openid, info = result
-                _upsert_phone(
-                    session,
-                    appid=appid,
-                    openid=openid,
-                    info=info,
-                    now=now,
-                    protection=self.protection or default_protection(),
-                )
             final_code = code
             if code == WeChatInvalidCodeError.error_code:
                 # 40029 after an exchange whose reply was lost: WeChat most likely consumed the
@@ -601,7 +594,7 @@ class _JobRun:
                 ).scalar_one_or_none()
                 if lost:
                     final_code = REPLY_LOST_ERROR_CODE
-            values: dict[str, Any] = {"status": status, "error_code": final_code, "finished_at": now}
+            values: dict[str, Any] = {"status": "failed", "error_code": final_code, "finished_at": now}
             if last_rid:
                 values["last_rid"] = last_rid
             session.execute(
@@ -609,9 +602,9 @@ class _JobRun:
                 .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
                 .values(**values)
             )
-            self._settle_claim(session, appid, fingerprint, status, final_code, only_pending=False)
+            self._settle_claim(session, appid, fingerprint, "failed", final_code, only_pending=False)
             self._write_audit(session)
-            return JobOutcome(self.job_id, status, final_code)
+            return JobOutcome(self.job_id, "failed", final_code)
 
         return self._commit_with_retry(write)
 
@@ -653,8 +646,8 @@ class _JobRun:
             .values(status=status, error_code=error_code)
         )
 
-    def _commit_with_retry(self, write: Callable[[Session], T]) -> T:
-        """Run ``write`` in one transaction, retrying while PostgreSQL is unreachable.
+    def _commit_with_retry(self, write: Callable[[], T]) -> T:
+        """Run ``write`` (one transaction), retrying while PostgreSQL is unreachable.
 
         Only used after the code was exchanged: the number exists nowhere else, so a short
         database outage must not turn a success into a loss.
@@ -663,8 +656,7 @@ class _JobRun:
         delay = 0.2
         while True:
             try:
-                with self.sessions.begin() as session:
-                    return write(session)
+                return write()
             except (OperationalError, DBAPIError) as error:
                 if not _is_disconnect(error) or time.monotonic() >= deadline:
                     raise
@@ -674,8 +666,15 @@ class _JobRun:
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
 
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        """A session in a transaction that commits on success and rolls back on error."""
+        # Objects stay readable after commit (no implicit new transaction when read later).
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
     def _stored_outcome(self) -> JobOutcome:
-        with self.sessions() as session:
+        with Session(self.engine) as session:
             job = session.get(PhoneJob, self.job_id)
             assert job is not None
             return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
@@ -695,42 +694,18 @@ def _is_disconnect(error: DBAPIError) -> bool:
     return bool(error.connection_invalidated) or isinstance(error, OperationalError)
 
 
-def _upsert_phone(
-    session: Session,
-    *,
-    appid: str,
-    openid: str,
-    info: PhoneInfo,
-    now: datetime,
-    protection: DataProtection,
-) -> None:
-    """Store the number encrypted (bound to this row), its blind index and its masked form."""
+def _protect(info: PhoneInfo, *, appid: str, openid: str, protection: DataProtection) -> PhoneFields:
+    """The number encrypted (bound to its row), its blind index and its masked form."""
     cipher = protection.cipher
-    values = {
-        "phone_number_encrypted": cipher.encrypt(
+    return PhoneFields(
+        phone_number_encrypted=cipher.encrypt(
             info.phone_number, context=users_context("phone_number", appid, openid)
         ),
-        "pure_phone_number_encrypted": cipher.encrypt(
+        pure_phone_number_encrypted=cipher.encrypt(
             info.pure_phone_number, context=users_context("pure_phone_number", appid, openid)
         ),
-        "phone_blind_index": protection.blind_index.of(
-            info.pure_phone_number, country_code=info.country_code
-        ),
-        "phone_masked": mask_phone_number(info.pure_phone_number),
-        "country_code": info.country_code,
-        "phone_verified_at": now,
-    }
-    statement = insert(User).values(
-        appid=appid, openid=openid, encryption_key_version=cipher.current_version, **values
+        phone_blind_index=protection.blind_index.of(info.pure_phone_number, country_code=info.country_code),
+        phone_masked=mask_phone_number(info.pure_phone_number),
+        country_code=info.country_code,
+        key_version=cipher.current_version,
     )
-    statement = statement.on_conflict_do_update(
-        index_elements=[User.appid, User.openid],
-        set_={
-            **{name: getattr(statement.excluded, name) for name in values},
-            # A session_key still under an older key keeps the row on rotation's list.
-            "encryption_key_version": row_key_version(
-                User.session_key_encrypted, statement.excluded.encryption_key_version
-            ),
-        },
-    )
-    session.execute(statement)

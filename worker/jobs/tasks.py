@@ -65,7 +65,7 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             appid=appid,
             openid=openid,
             code=code,
-            sessions=runtime.sessions,
+            engine=runtime.engine,
             token_service=runtime.token_service,
             client=runtime.wechat_client,
             policy=runtime.job_policy,
