@@ -15,6 +15,7 @@ import os
 import threading
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import psycopg
 from alembic import command
@@ -131,6 +132,23 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     # Objects stay readable after commit. With expiry on, reading an attribute after commit would
     # silently open a new transaction and hold a pooled connection, for example across a WeChat call.
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+_autocommit_engines: WeakKeyDictionary[Engine, Engine] = WeakKeyDictionary()
+_autocommit_lock = threading.Lock()
+
+
+def autocommit(engine: Engine) -> Engine:
+    """``engine`` in autocommit mode, sharing its pool: every statement is its own transaction.
+
+    For single statements on a hot path: no BEGIN and COMMIT round trips. Built once per engine
+    (deriving it costs more than the statement's own client work).
+    """
+    with _autocommit_lock:
+        derived = _autocommit_engines.get(engine)
+        if derived is None:
+            derived = _autocommit_engines[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+        return derived
 
 
 _engines: dict[str, Engine] = {}

@@ -12,6 +12,12 @@ Three mechanisms share one gate, checked by one Lua script before every phone or
   ``failed``/``quota_exhausted`` at once: a phone code lives five minutes, the quota will not
   return within that time, and failing fast tells the front end to stop prompting users.
 
+For an API without a per-window limit there is nothing to count, so a worker process that found
+the gate open trusts that for ``WXPHONE_CALL_GATE_REUSE_SECONDS`` (1 s) before asking Redis again:
+a pause or circuit set by one process holds back the others' calls within that time (its own at
+once). A call that slips through in that second meets the same 45011 or 45009 at WeChat and is
+handled the same way.
+
 Keys name the appid and API only::
 
     wxphone:limit:{appid}:{api}:{window}   int   calls counted in that window
@@ -22,6 +28,7 @@ Keys name the appid and API only::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -118,11 +125,20 @@ class CallGate:
         *,
         limits_per_window: Mapping[str, int],
         window_seconds: float = 60.0,
+        open_reuse_seconds: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = client
         self.limits_per_window = dict(limits_per_window)
         self.window_seconds = window_seconds
+        #: For an API without a per-window limit there is nothing to count: a process that found
+        #: the gate open (no circuit, no pause) trusts that for this long before asking again.
+        self.open_reuse_seconds = open_reuse_seconds
+        self._open_until: dict[tuple[str, str], float] = {}
+        #: When this process last paused or opened the circuit of (appid, api): a check that
+        #: began before then must not mark the gate open.
+        self._closed_at: dict[tuple[str, str], float] = {}
+        self._local_lock = threading.Lock()
         self._clock = clock
         self._acquire = client.register_script(_ACQUIRE)
 
@@ -143,14 +159,22 @@ class CallGate:
     def acquire(self, appid: str, api: str) -> None:
         """Let one call through, or raise :class:`LocallyRateLimitedError` / :class:`CircuitOpenError`."""
         now = self._clock()
+        limit = self.limits_per_window.get(api, 0)
+        reusable = limit == 0 and self.open_reuse_seconds > 0
+        if reusable and now < self._open_until.get((appid, api), 0.0):
+            return
         wait_ms = int(self.seconds_to_window_end(now) * 1000) + 1
         keys = [
             self._circuit_key(appid, api),
             self._pause_key(appid, api),
             self._counter_key(appid, api, now),
         ]
-        args = [self.limits_per_window.get(api, 0), int(self.window_seconds * 2000), wait_ms]
+        args = [limit, int(self.window_seconds * 2000), wait_ms]
         verdict, milliseconds = self._call(self._acquire, keys=keys, args=args)
+        if verdict == 0 and reusable:
+            with self._local_lock:
+                if now > self._closed_at.get((appid, api), float("-inf")):
+                    self._open_until[(appid, api)] = now + self.open_reuse_seconds
         if verdict == 2:
             raise CircuitOpenError(f"{appid}: daily quota of the {api} API exhausted; circuit open")
         if verdict == 1:
@@ -162,12 +186,14 @@ class CallGate:
     def pause_until_window_end(self, appid: str, api: str) -> float:
         """After a 45011: hold every worker's calls for this app and API until the window ends."""
         wait_seconds = self.seconds_to_window_end()
+        self._close_locally(appid, api)
         self._call(self._redis.set, self._pause_key(appid, api), "45011", px=int(wait_seconds * 1000) + 1)
         return wait_seconds
 
     def open_circuit(self, appid: str, api: str) -> bool:
         """After a 45009: open the circuit until midnight Beijing time; True if this call opened it."""
         ttl_seconds = _seconds_to_beijing_midnight(self._clock())
+        self._close_locally(appid, api)
         opened = self._call(
             self._redis.set, self._circuit_key(appid, api), "45009", px=int(ttl_seconds * 1000), nx=True
         )
@@ -176,6 +202,12 @@ class CallGate:
     def close_circuit(self, appid: str, api: str) -> bool:
         """Operator action: let calls through again (after ``clear_quota``, say)."""
         return bool(self._call(self._redis.delete, self._circuit_key(appid, api)))
+
+    def _close_locally(self, appid: str, api: str) -> None:
+        """Forget that the gate was open: this process's next call asks Redis."""
+        with self._local_lock:
+            self._closed_at[(appid, api)] = self._clock()
+            self._open_until.pop((appid, api), None)
 
     def state(self, appid: str, api: str) -> GateState:
         """Counters and timers of one (appid, API)."""

@@ -92,6 +92,7 @@ class Runtime:
             refresh_fraction=self.settings.token_refresh_fraction,
             lease_seconds=self.settings.token_lock_ttl_seconds,
             wait_seconds=self.settings.token_wait_seconds,
+            local_reuse_seconds=self.settings.token_local_reuse_seconds,
         )
 
     @cached_property
@@ -104,6 +105,7 @@ class Runtime:
                 API_LOGIN: self.settings.rate_limit_login_per_window,
             },
             window_seconds=self.settings.rate_limit_window_seconds,
+            open_reuse_seconds=self.settings.call_gate_reuse_seconds,
         )
 
     @cached_property

@@ -286,6 +286,9 @@ class Settings(BaseSettings):
     token_refresh_fraction: float = Field(default=0.9, gt=0, lt=1)
     token_lock_ttl_seconds: float = Field(default=60.0, gt=0)
     token_wait_seconds: float = Field(default=15.0, gt=0)
+    #: How long a worker process reuses the shared token it read before reading Redis again.
+    #: A replaced token keeps working for minutes, and a rejected one is re-read at once.
+    token_local_reuse_seconds: float = Field(default=1.0, ge=0, le=30)
 
     # Outgoing HTTP to WeChat: (connect, read) timeouts on every request.
     http_connect_timeout_seconds: float = Field(default=3.05, gt=0)
@@ -314,6 +317,9 @@ class Settings(BaseSettings):
     rate_limit_window_seconds: float = Field(default=60.0, gt=0)
     rate_limit_phone_per_window: int = Field(default=0, ge=0)
     rate_limit_login_per_window: int = Field(default=0, ge=0)
+    #: For an API without a per-window limit, how long a worker process trusts that it found no
+    #: 45011 pause and no 45009 circuit before asking Redis again.
+    call_gate_reuse_seconds: float = Field(default=1.0, ge=0, le=10)
 
     # Connection pools per worker process: sized for the pool's concurrency, not one per thread
     # (transactions are short, so threads share connections).

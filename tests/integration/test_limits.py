@@ -36,9 +36,15 @@ def client(redis_urls: RedisUrls) -> Iterator[redis.Redis]:
         yield conn
 
 
-def make_gate(client: redis.Redis, clock: FrozenClock, *, phone_limit: int = 0) -> CallGate:
+def make_gate(
+    client: redis.Redis, clock: FrozenClock, *, phone_limit: int = 0, open_reuse_seconds: float = 0.0
+) -> CallGate:
     return CallGate(
-        client, limits_per_window={API_PHONE: phone_limit}, window_seconds=WINDOW_SECONDS, clock=clock
+        client,
+        limits_per_window={API_PHONE: phone_limit},
+        window_seconds=WINDOW_SECONDS,
+        open_reuse_seconds=open_reuse_seconds,
+        clock=clock,
     )
 
 
@@ -82,6 +88,36 @@ def test_a_45009_opens_the_circuit_once_until_an_operator_closes_it(client: redi
     second.acquire(OTHER_APPID, API_PHONE)
     assert first.close_circuit(APPID, API_PHONE) is True
     second.acquire(APPID, API_PHONE)
+
+
+def test_an_open_gate_is_trusted_for_the_reuse_window_by_other_processes_only(client: redis.Redis) -> None:
+    clock = FrozenClock(1_800_000_000.0 + 10)
+    first = make_gate(client, clock, open_reuse_seconds=1.0)
+    second = make_gate(client, clock, open_reuse_seconds=1.0)
+    second.acquire(APPID, API_PHONE)  # second found the gate open
+    first.open_circuit(APPID, API_PHONE)
+    with pytest.raises(CircuitOpenError):
+        first.acquire(APPID, API_PHONE)  # the process that opened it stops at once
+    clock.now += 0.5
+    second.acquire(APPID, API_PHONE)  # still inside second's window: no Redis check
+    clock.now += 0.6
+    with pytest.raises(CircuitOpenError):
+        second.acquire(APPID, API_PHONE)  # the window is over: it sees the circuit
+    first.close_circuit(APPID, API_PHONE)
+    first.acquire(APPID, API_PHONE)
+    first.pause_until_window_end(APPID, API_PHONE)  # its own pause, too, applies at once
+    with pytest.raises(LocallyRateLimitedError):
+        first.acquire(APPID, API_PHONE)
+
+
+def test_a_counted_limit_is_never_served_from_the_reuse_window(client: redis.Redis) -> None:
+    clock = FrozenClock(1_800_000_000.0 + 10)
+    gate = make_gate(client, clock, phone_limit=3, open_reuse_seconds=5.0)
+    for _ in range(3):
+        gate.acquire(APPID, API_PHONE)
+    with pytest.raises(LocallyRateLimitedError):
+        gate.acquire(APPID, API_PHONE)
+    assert gate.state(APPID, API_PHONE).used_this_window == 4  # every call was counted
 
 
 def test_gate_keys_name_only_appid_and_api(client: redis.Redis) -> None:

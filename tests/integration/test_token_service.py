@@ -108,6 +108,43 @@ def test_readers_reuse_the_stored_token(
     assert tokens_issued(sandbox_app, "token") == 1
 
 
+def test_a_process_reuses_its_token_for_the_local_window_then_reads_the_store_again(
+    make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
+) -> None:
+    now = [time.time()]
+    worker = make_service(local_reuse_seconds=5.0, clock=lambda: now[0])
+    beat = make_service()
+    first = worker.get_token(APPID)
+    replaced = beat.refresh(APPID)  # classic: a new token; the old one keeps working for a while
+    assert replaced.value != first.value
+    now[0] += 4.0
+    assert worker.get_token(APPID).value == first.value  # inside the window: no store read
+    now[0] += 1.5
+    assert worker.get_token(APPID).value == replaced.value  # window over: the store's token
+    assert tokens_issued(sandbox_app, "token") == 2
+
+
+def test_a_reused_token_that_wechat_rejects_is_replaced_by_the_stored_one_without_a_fetch(
+    make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
+) -> None:
+    worker = make_service(local_reuse_seconds=30.0)
+    beat = make_service()
+    stale = worker.get_token(APPID)
+    sandbox_app.revoke_tokens(APPID)  # the worker's copy is dead from now on
+    fresh = beat.refresh(APPID)
+    code = sandbox_app.mint_phone_code(APPID)
+    seen: list[str] = []
+
+    def exchange(token: str) -> str:
+        seen.append(token)
+        return worker.client.get_phone_number(access_token=token, code=code).pure_phone_number
+
+    assert worker.call_with_token(APPID, exchange)
+    assert seen == [stale.value, fresh.value]  # one rejection, then the token beat stored
+    assert tokens_issued(sandbox_app, "token") == 2  # no fetch of the worker's own
+    assert worker.get_token(APPID).value == fresh.value  # and it reuses that one from now on
+
+
 def test_refresh_timing_follows_the_expires_in_wechat_returned(
     make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
 ) -> None:

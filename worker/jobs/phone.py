@@ -45,6 +45,7 @@ from worker.crypto import (
     mask_phone_number,
     users_context,
 )
+from worker.db import autocommit
 from worker.errors import (
     OperatorActionRequiredError,
     RequestRejectedError,
@@ -215,7 +216,7 @@ class _JobRun:
         self.job_id = job_id
         self.engine = engine
         # The two hot-path statements are each their own transaction (worker.jobs.statements).
-        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.autocommit = autocommit(engine)
         self.tokens = token_service
         self.client = client
         self.policy = policy

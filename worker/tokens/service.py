@@ -74,6 +74,7 @@ class TokenService:
         refresh_fraction: float = 0.5,
         lease_seconds: float = 60.0,
         wait_seconds: float = 15.0,
+        local_reuse_seconds: float = 0.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -87,11 +88,26 @@ class TokenService:
         self._clock = clock
         self._sleep = sleep
         self._redacted_fences: dict[str, int] = {}
+        #: A process reuses the token it last read for ``local_reuse_seconds`` before reading the
+        #: store again (0: read it for every call). appid -> (token, reuse until).
+        self.local_reuse_seconds = local_reuse_seconds
+        self._local: dict[str, tuple[CachedToken, float]] = {}
 
     # -- reading ------------------------------------------------------------------------------
 
-    def get_token(self, appid: str) -> CachedToken:
-        """The current token of ``appid``; fetches it (single-flight) only when there is none."""
+    def get_token(self, appid: str, *, reuse: bool = True) -> CachedToken:
+        """The current token of ``appid``; fetches it (single-flight) only when there is none.
+
+        With ``reuse`` (and ``local_reuse_seconds`` > 0) a token this process read moments ago
+        is returned without asking the store: a token beat has just replaced stays valid for
+        minutes (WeChat keeps a superseded classic token working for 5 minutes), and a call it
+        fails is retried with a token read from the store.
+        """
+        now = self._clock()
+        if reuse:
+            local = self._local.get(appid)
+            if local is not None and now < local[1] and local[0].is_usable(now):
+                return local[0]
         self._credentials(appid)
         cached = self.store.read(appid)
         if cached is None or not cached.is_usable(self._clock()):
@@ -99,6 +115,8 @@ class TokenService:
                 appid, needed=lambda token: not token.is_usable(self._clock())
             )
         self._redact_from_logs(appid, cached)
+        if self.local_reuse_seconds > 0:
+            self._local[appid] = (cached, now + self.local_reuse_seconds)
         return cached
 
     def call_with_token(self, appid: str, call: Callable[[str], T]) -> T:
@@ -111,9 +129,10 @@ class TokenService:
         try:
             return call(token.value)
         except TokenInvalidError:
+            self._local.pop(appid, None)
             dropped = self.store.delete_if_current(appid, token.value)
             log.warning("access token rejected by WeChat", extra={"appid": appid, "dropped": dropped})
-        fresh = self.get_token(appid)
+        fresh = self.get_token(appid, reuse=False)
         try:
             return call(fresh.value)
         except TokenInvalidError:
@@ -141,6 +160,7 @@ class TokenService:
             if current is not None and not current.is_refresh_due(self._clock()):
                 return RefreshOutcome(appid, "fresh", current.expires_at)
             written = self._fetch_and_write(appid, fence=fence, force=False)
+        self._local.pop(appid, None)
         return RefreshOutcome(
             appid, "refreshed" if written else "busy", written.expires_at if written else None
         )
@@ -166,10 +186,12 @@ class TokenService:
                 raise ForceRefreshRefusedError(
                     f"{appid}: all {FORCE_REFRESH_DAILY_LIMIT} force refreshes of today are used"
                 )
+        self._local.pop(appid, None)
         return self._refresh_single_flight(appid, needed=lambda token: True, force=use_force)
 
     def invalidate(self, appid: str, failed_value: str) -> bool:
         """Drop the stored token if it is still ``failed_value``."""
+        self._local.pop(appid, None)
         return self.store.delete_if_current(appid, failed_value)
 
     # -- internals ----------------------------------------------------------------------------
