@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--refresh-fraction",
         type=float,
-        default=0.5,
-        help="WXPHONE_TOKEN_REFRESH_FRACTION in the rotation run",
+        default=None,
+        help="WXPHONE_TOKEN_REFRESH_FRACTION in the rotation run [the product default]",
     )
     parser.add_argument("--concurrency-levels", type=_csv_ints, default=None, help="[1,10,50,100,200]")
     parser.add_argument("--process-levels", type=_csv_ints, default=None, help="[1,2,4]")

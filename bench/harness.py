@@ -98,7 +98,8 @@ class BenchConfig:
     rotation_lifetime_seconds: float = 20.0
     rotation_grace_seconds: float = 5.0
     rotation_seconds: float = 60.0
-    refresh_fraction: float = 0.5
+    #: WXPHONE_TOKEN_REFRESH_FRACTION in the rotation run; None: the product's default.
+    refresh_fraction: float | None = None
     fixed_rate: float | None = None
     scaling: bool = False
     concurrency_levels: tuple[int, ...] = (1, 10, 50, 100, 200)
@@ -758,11 +759,9 @@ def scenario_runs(config: BenchConfig) -> Iterator[tuple[str, Callable[[Bench], 
                 token_lifetime_seconds=config.rotation_lifetime_seconds,
                 grace_seconds=config.rotation_grace_seconds,
             )
-            wx = {
-                "token_mode": "classic",
-                "token_check_interval_seconds": 1.0,
-                "token_refresh_fraction": config.refresh_fraction,
-            }
+            wx: dict[str, Any] = {"token_mode": "classic", "token_check_interval_seconds": 1.0}
+            if config.refresh_fraction is not None:
+                wx["token_refresh_fraction"] = config.refresh_fraction
             for name in [n for n in config.systems if n != "raw"]:
                 run = RunSettings(
                     "rotation", max(2, config.processes), config.concurrency, sandbox, wxphone=wx

@@ -275,7 +275,9 @@ def evaluate_targets(
                 "token fetches <= 1 per app per token lifetime (rotation run)",
                 per_lifetime <= 1.0,
                 f"{rotation.token_fetches} fetches over {lifetimes:.1f} lifetimes = {per_lifetime:.2f} "
-                "per lifetime (one per refresh interval = lifetime x WXPHONE_TOKEN_REFRESH_FRACTION)",
+                f"per lifetime; after the first fetch {(rotation.token_fetches - 1) / lifetimes:.2f} "
+                "(one per refresh interval = lifetime x WXPHONE_TOKEN_REFRESH_FRACTION, whatever the "
+                "number of processes)",
             )
         )
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from tests.support.pipeline import APPS, Pipeline
 from tests.support.services import RedisServer
 from tests.support.waiting import wait_for
+
+REUSE_SECONDS = 0.5
 
 
 def token_fetches(pipeline: Pipeline, appid: str) -> int:
@@ -24,7 +27,11 @@ def test_token_store_outage_means_no_token_fetch_and_recovery_without_restart(
     token_store.start()
     try:
         pipeline.settings.update(
-            redis_url=token_store.url(1), retry_backoff_base_seconds=0.3, retry_backoff_max_seconds=1.0
+            redis_url=token_store.url(1),
+            retry_backoff_base_seconds=0.3,
+            retry_backoff_max_seconds=1.0,
+            token_local_reuse_seconds=REUSE_SECONDS,
+            call_gate_reuse_seconds=REUSE_SECONDS,
         )
         worker = pipeline.start_worker()
         first = pipeline.submit(appid, "oOutage000", pipeline.sandbox.mint_phone_code(appid))
@@ -32,6 +39,9 @@ def test_token_store_outage_means_no_token_fetch_and_recovery_without_restart(
         assert token_fetches(pipeline, appid) == 1
 
         token_store.stop()
+        # A worker reuses the token and the open gate it read for a moment; after that, every
+        # call needs the store.
+        time.sleep(2 * REUSE_SECONDS)
         job_ids = [
             pipeline.submit(appid, f"oOutage{index:03d}", pipeline.sandbox.mint_phone_code(appid))
             for index in range(1, 4)
