@@ -63,8 +63,10 @@ PYTHON = sys.executable
 FINGERPRINT_KEY = "wxphone-benchmark-fingerprint-key"
 #: PostgreSQL's default max_connections is 100; the worker pools of all processes stay below 80.
 DATABASE_CONNECTION_BUDGET = 80
-DEFAULT_POOL_SIZE = 10
-DEFAULT_MAX_OVERFLOW = 20
+#: wxphone's default pool shape, for all three systems: no overflow, because SQLAlchemy closes an
+#: overflow connection on return and a busy pool then opens new backends all the time.
+DEFAULT_POOL_SIZE = 20
+DEFAULT_MAX_OVERFLOW = 0
 
 
 @dataclass(frozen=True)

@@ -323,8 +323,12 @@ class Settings(BaseSettings):
 
     # Connection pools per worker process: sized for the pool's concurrency, not one per thread
     # (transactions are short, so threads share connections).
-    database_pool_size: int = Field(default=10, gt=0)
-    database_max_overflow: int = Field(default=20, ge=0)
+    # Enough pooled connections for a threads pool of 100 (each job holds one for two short
+    # statements) and no overflow: SQLAlchemy closes an overflow connection when it is returned,
+    # so a steady load above the pool size opens a new PostgreSQL backend for many checkouts
+    # (measured: ~30 new backends a second and a third less throughput, docs/performance.md).
+    database_pool_size: int = Field(default=20, gt=0)
+    database_max_overflow: int = Field(default=0, ge=0)
     database_statement_timeout_seconds: float = Field(default=15.0, gt=0)
 
     # Worker process shape used by ``wxphone worker``.

@@ -102,8 +102,9 @@ class JobPolicy:
     max_attempts: int = 10
     #: A ``running`` job whose claim is older than this belongs to a dead worker.
     stale_claim_seconds: float = 75.0
-    #: How often a repeated submission looks whether the first one has finished.
-    duplicate_poll_seconds: float = 1.0
+    #: How often a repeated submission looks whether the first one has finished. Short: the
+    #: usual repeat is a double tap, arriving while the first exchange (tens of ms) runs.
+    duplicate_poll_seconds: float = 0.25
     #: How long the final commit is retried in-process when PostgreSQL is unreachable: the
     #: code is spent by then, so giving up would lose the number.
     final_write_retry_seconds: float = 40.0
