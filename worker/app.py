@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.db import check_schema_at_head, dispose_engine_after_fork
+from worker.db import check_schema_at_head
 from worker.logs import configure_logging
 from worker.runtime import get_runtime, reset_runtime
 from worker.settings import get_settings
@@ -27,7 +27,6 @@ def _configure_logging(**_: Any) -> None:
 @signals.worker_process_init.connect
 def _fresh_connections_in_child(**_: Any) -> None:
     # A forked pool child must not reuse the parent's Redis, HTTP or database sockets.
-    dispose_engine_after_fork()
     reset_runtime()
 
 

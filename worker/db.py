@@ -38,10 +38,8 @@ __all__ = [
     "check_schema_at_head",
     "current_revision",
     "describe_database",
-    "dispose_engine_after_fork",
     "downgrade",
     "ensure_database_exists",
-    "get_engine",
     "head_revision",
     "make_engine",
     "session_factory",
@@ -108,8 +106,9 @@ def make_engine(database_url: str, **engine_options: Any) -> Engine:
 def _guard_against_fork(engine: Engine) -> None:
     """Never hand a connection opened by one process to another (SQLAlchemy pooling docs).
 
-    :func:`dispose_engine_after_fork` is the primary defence; this check catches a process that
-    forked without it. Two processes writing to one socket corrupt both sessions.
+    Disposing the inherited engine in the child (``worker.runtime.reset_runtime`` on Celery's
+    ``worker_process_init``) is the primary defence; this check catches a process that forked
+    without it. Two processes writing to one socket corrupt both sessions.
     """
 
     @event.listens_for(engine, "connect")
@@ -149,31 +148,6 @@ def autocommit(engine: Engine) -> Engine:
         if derived is None:
             derived = _autocommit_engines[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
         return derived
-
-
-_engines: dict[str, Engine] = {}
-_engines_lock = threading.Lock()
-
-
-def get_engine(database_url: str) -> Engine:
-    """The process-wide engine for ``database_url``, created on first use."""
-    with _engines_lock:
-        engine = _engines.get(database_url)
-        if engine is None:
-            engine = _engines[database_url] = make_engine(database_url)
-        return engine
-
-
-def dispose_engine_after_fork(**_signal_kwargs: object) -> None:
-    """Drop inherited pooled connections in a freshly forked process.
-
-    Connect it to Celery's ``worker_process_init`` signal. ``close=False`` leaves the sockets
-    alone, because the parent process still owns them.
-    """
-    with _engines_lock:
-        engines = list(_engines.values())
-    for engine in engines:
-        engine.dispose(close=False)
 
 
 def alembic_config(database_url: str | None = None) -> Config:

@@ -15,7 +15,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from models import CodeClaim, CodeClaimStatus, PhoneJob, PhoneJobStatus, User
 from tests.support.services import create_database, drop_database
-from worker import db
+from worker import db, runtime
+from worker.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,6 @@ def migrated_url() -> Iterator[str]:
     url = create_database("wxphone_db")
     db.upgrade_to_head(url)
     yield url
-    db.get_engine(url).dispose()  # the process-wide engine some tests use
     drop_database(url)
 
 
@@ -198,18 +198,19 @@ def test_sessions_return_their_connection_and_leave_objects_readable(engine: Eng
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-def test_get_engine_returns_one_engine_per_url(migrated_url: str) -> None:
-    assert db.get_engine(migrated_url) is db.get_engine(migrated_url)
-
-
 @pytest.mark.parametrize("disposes_after_fork", [True, False], ids=["worker_process_init", "no_signal"])
-def test_forked_worker_process_opens_its_own_connection(migrated_url: str, disposes_after_fork: bool) -> None:
+def test_forked_worker_process_opens_its_own_connection(
+    migrated_url: str, disposes_after_fork: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What Celery's prefork pool does: fork with a warm pool, then run tasks in the child.
 
-    ``worker_process_init`` runs :func:`db.dispose_engine_after_fork`; without it the engine's own
-    per-process check must still keep the child off the parent's connection.
+    ``worker_process_init`` runs :func:`worker.runtime.reset_runtime`, which drops the inherited
+    engine's pooled connections; without it the engine's own per-process check must still keep
+    the child off the parent's connection.
     """
-    engine = db.get_engine(migrated_url)
+    process_runtime = runtime.Runtime(Settings(database_url=migrated_url))
+    monkeypatch.setattr(runtime, "_runtime", process_runtime)
+    engine = process_runtime.engine
     parent_backend = backend_pid(engine)  # leaves a connection idle in the inherited pool
     read_end, write_end = os.pipe()
     child = os.fork()
@@ -218,7 +219,7 @@ def test_forked_worker_process_opens_its_own_connection(migrated_url: str, dispo
         try:
             inherited = engine.pool.checkedin()  # type: ignore[attr-defined]
             if disposes_after_fork:
-                db.dispose_engine_after_fork()
+                runtime.reset_runtime()
                 inherited = engine.pool.checkedin()  # type: ignore[attr-defined]
             os.write(write_end, f"{inherited} {backend_pid(engine)}".encode())
             status = 0
@@ -235,3 +236,4 @@ def test_forked_worker_process_opens_its_own_connection(migrated_url: str, dispo
     assert child_backend != parent_backend
     # The parent's pooled connection was left intact by the child.
     assert backend_pid(engine) == parent_backend
+    engine.dispose()

@@ -11,8 +11,12 @@ The job row in PostgreSQL is the source of truth; Celery only delivers. One run:
    exchanges it; later submissions wait for, and end with, the first one's outcome;
 6. exchanges the code through the shared token (one compare-and-delete refresh on a rejected
    token), never holding a database transaction across the HTTP call;
-7. checks ``watermark.appid`` and commits the user's phone fields, the job's final state and the
-   code claim in one transaction.
+7. checks ``watermark.appid`` and commits the user's phone fields, the job's final state, the
+   code claim and the audit rows in one transaction.
+
+In the common case steps 2 to 5 are one SQL statement and step 7 another
+(:mod:`worker.jobs.statements`); the rarer paths (a repeated code, a retry, an expired code, a
+failure) use ORM/Core statements in ordinary transactions.
 
 Failures follow the four reactions of :mod:`worker.errors`. No database lock is held across the
 WeChat call, and nothing here logs or returns a code or a phone number.
