@@ -277,7 +277,8 @@ def evaluate_targets(
                 f"{rotation.token_fetches} fetches over {lifetimes:.1f} lifetimes = {per_lifetime:.2f} "
                 f"per lifetime; after the first fetch {(rotation.token_fetches - 1) / lifetimes:.2f} "
                 "(one per refresh interval = lifetime x WXPHONE_TOKEN_REFRESH_FRACTION, whatever the "
-                "number of processes)",
+                "number of processes). Holding a valid token from a cold start through this run "
+                f"takes at least {math.floor(lifetimes) + 1} fetches",
             )
         )
 

@@ -172,6 +172,8 @@ class TestTargets:
         rotation = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, token_fetches=3)
         targets = evaluate_targets([rotation], rotation_lifetime_seconds=20.0)
         assert self.by_name(targets, "rotation run").met is True
+        # Covering 3 lifetimes from a cold start needs a fourth fetch just before the end.
+        assert "at least 4 fetches" in self.by_name(targets, "rotation run").detail
         busy = phase(scenario="rotation", mode="paced", elapsed_seconds=60.0, token_fetches=7)
         targets = evaluate_targets([busy], rotation_lifetime_seconds=20.0)
         assert self.by_name(targets, "rotation run").met is False
