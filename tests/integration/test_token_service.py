@@ -260,6 +260,28 @@ def test_stable_mode_uses_normal_mode_and_shares_one_token(
     assert tokens_issued(sandbox_app, "stable_token") == 1
 
 
+def test_a_stable_token_is_refreshed_once_per_lifetime_inside_the_renewal_window(
+    make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
+) -> None:
+    now = [time.time()]
+    service = make_service(mode="stable", refresh_fraction=0.9, clock=lambda: now[0])
+    token = service.get_token(APPID)
+    assert token.expires_in == 7200
+    # Not at 0.9 of the lifetime (a call then returns the same token): 4 minutes before expiry.
+    assert token.refresh_at - token.fetched_at == pytest.approx(7200 - 240)
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+        sandbox_app.advance_clock(seconds)
+
+    advance(6500)  # past 0.9 of the lifetime
+    assert service.refresh_if_due(APPID).status == "fresh"
+    advance(470)  # 230 s left: inside WeChat's last-5-minutes renewal window
+    assert service.refresh_if_due(APPID).status == "refreshed"
+    assert service.get_token(APPID).value != token.value
+    assert endpoint_calls(sandbox_app, "stable_token") == 2  # the first token and one renewal
+
+
 def test_force_refresh_respects_spacing_and_the_daily_budget(
     make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
 ) -> None:

@@ -37,6 +37,12 @@ KEY_PREFIX = "wxphone"
 #: Never treat a token as usable in the last stretch of its life: a call made then may arrive late.
 USABLE_MARGIN_MAX_SECONDS = 30.0
 USABLE_MARGIN_FRACTION = 0.1
+#: WeChat's stable_token issues a new token only in the last 5 minutes of the current one's life;
+#: a normal-mode call before that hands back the same token (and a shorter ``expires_in``).
+STABLE_RENEWAL_WINDOW_SECONDS = 300.0
+#: So a stable token's scheduled refresh waits until this long before expiry: inside the window,
+#: with room for several of beat's checks (one a minute by default) before workers stop using it.
+STABLE_REFRESH_LEAD_SECONDS = 240.0
 
 T = TypeVar("T")
 
@@ -202,7 +208,7 @@ class TokenStore:
         cached = CachedToken(
             value=token.value,
             expires_at=now + token.expires_in,
-            refresh_at=now + token.expires_in * refresh_fraction,
+            refresh_at=now + self.refresh_delay_seconds(token.expires_in, refresh_fraction),
             fetched_at=now,
             expires_in=token.expires_in,
             fence=fence,
@@ -219,6 +225,18 @@ class TokenStore:
         keys = [self.token_key(appid), self.fence_key(appid)]
         written = self._call(self._write, keys=keys, args=args)
         return cached if written else None
+
+    def refresh_delay_seconds(self, expires_in: int, refresh_fraction: float) -> float:
+        """How long after a fetch the scheduled refresh is due.
+
+        ``refresh_fraction`` of the lifetime; for a stable token no earlier than the renewal
+        window, since an earlier call would only get the same token back (one call per lifetime
+        instead of two).
+        """
+        delay = expires_in * refresh_fraction
+        if self.mode == "stable":
+            delay = max(delay, expires_in - STABLE_REFRESH_LEAD_SECONDS)
+        return delay
 
     def delete_if_current(self, appid: str, failed_value: str) -> bool:
         """Drop the stored token only if it is still ``failed_value`` (compare-and-delete)."""
