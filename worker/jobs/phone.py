@@ -248,7 +248,7 @@ class _JobRun:
         except LocallyRateLimitedError as error:
             return self._defer(job.appid, fingerprint, error, code_expires_at)
         except CircuitOpenError as error:
-            return self._finish_exchange(job.appid, fingerprint, error)
+            return self._record_failure(job.appid, fingerprint, error)
         except RetryLaterError as error:
             return self._retry_or_give_up(job.appid, fingerprint, error, attempts, code_expires_at)
         audit = AuditEntry(AuditApi.PHONE, job.appid, job.openid, self.job_id, fingerprint, self.caller)
@@ -263,12 +263,12 @@ class _JobRun:
                 log.error("phone job needs an operator: %s", error, extra={"job_id": self.job_id})
             if isinstance(error, WeChatQuotaExhaustedError):
                 self._open_circuit(job.appid)
-            return self._finish_exchange(job.appid, fingerprint, error)
+            return self._record_failure(job.appid, fingerprint, error)
         except WxphoneError as error:  # TokenInvalidError cannot escape call_with_token; be safe
-            return self._finish_exchange(job.appid, fingerprint, error)
+            return self._record_failure(job.appid, fingerprint, error)
         if info.watermark_appid != job.appid:
             log.error("phone_info watermark names another app", extra={"job_id": self.job_id})
-            return self._finish_exchange(job.appid, fingerprint, None, error_code="watermark_mismatch")
+            return self._record_failure(job.appid, fingerprint, None, error_code="watermark_mismatch")
         return self._record_success(job.appid, job.openid, fingerprint, info)
 
     def fail_unexpectedly(self) -> JobOutcome:
@@ -506,7 +506,7 @@ class _JobRun:
         """Hold the job back for the fleet-wide limit without counting an attempt (no call was made)."""
         delay = error.wait_seconds + random.uniform(0.0, 1.0)
         if self.clock() + timedelta(seconds=delay) >= code_expires_at:
-            return self._finish_exchange(appid, fingerprint, None, error_code="upstream_unavailable")
+            return self._record_failure(appid, fingerprint, None, error_code="upstream_unavailable")
         with self._transaction() as session:
             session.execute(
                 update(PhoneJob)
@@ -530,7 +530,7 @@ class _JobRun:
             log.warning(
                 "phone job gave up after %d attempts: %s", attempts, error, extra={"job_id": self.job_id}
             )
-            return self._finish_exchange(appid, fingerprint, None, error_code="upstream_unavailable", rid=rid)
+            return self._record_failure(appid, fingerprint, None, error_code="upstream_unavailable", rid=rid)
         with self._transaction() as session:
             values: dict[str, Any] = {"status": PhoneJobStatus.RETRYING.value, "last_rid": rid}
             if lost_reply:
@@ -572,7 +572,7 @@ class _JobRun:
 
         return self._commit_with_retry(write)
 
-    def _finish_exchange(
+    def _record_failure(
         self,
         appid: str,
         fingerprint: str,
@@ -587,30 +587,27 @@ class _JobRun:
 
         def write() -> JobOutcome:
             with self._transaction() as session:
-                return write_in(session)
-
-        def write_in(session: Session) -> JobOutcome:
-            now = self.clock()
-            final_code = code
-            if code == WeChatInvalidCodeError.error_code:
-                # 40029 after an exchange whose reply was lost: WeChat most likely consumed the
-                # code on that earlier exchange. Say so, rather than blame the front end's code.
-                lost = session.execute(
-                    select(PhoneJob.lost_replies).where(PhoneJob.job_id == self.job_id)
-                ).scalar_one_or_none()
-                if lost:
-                    final_code = REPLY_LOST_ERROR_CODE
-            values: dict[str, Any] = {"status": "failed", "error_code": final_code, "finished_at": now}
-            if last_rid:
-                values["last_rid"] = last_rid
-            session.execute(
-                update(PhoneJob)
-                .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
-                .values(**values)
-            )
-            self._settle_claim(session, appid, fingerprint, "failed", final_code, only_pending=False)
-            self._write_audit(session)
-            return JobOutcome(self.job_id, "failed", final_code)
+                now = self.clock()
+                final_code = code
+                if code == WeChatInvalidCodeError.error_code:
+                    # 40029 after an exchange whose reply was lost: WeChat most likely consumed the
+                    # code on that earlier exchange. Say so, rather than blame the front end's code.
+                    lost = session.execute(
+                        select(PhoneJob.lost_replies).where(PhoneJob.job_id == self.job_id)
+                    ).scalar_one_or_none()
+                    if lost:
+                        final_code = REPLY_LOST_ERROR_CODE
+                values: dict[str, Any] = {"status": "failed", "error_code": final_code, "finished_at": now}
+                if last_rid:
+                    values["last_rid"] = last_rid
+                session.execute(
+                    update(PhoneJob)
+                    .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
+                    .values(**values)
+                )
+                self._settle_claim(session, appid, fingerprint, "failed", final_code, only_pending=False)
+                self._write_audit(session)
+                return JobOutcome(self.job_id, "failed", final_code)
 
         return self._commit_with_retry(write)
 
@@ -687,7 +684,6 @@ class _JobRun:
 
 
 _TERMINAL = [PhoneJobStatus.SUCCEEDED.value, PhoneJobStatus.FAILED.value]
-_CLAIMABLE = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RETRYING.value]
 _CLAIM_TERMINAL = {CodeClaimStatus.SUCCEEDED.value, CodeClaimStatus.FAILED.value}
 
 
