@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 from sqlalchemy import text
 
-from tests.support.pipeline import FAST_RETRY_SETTINGS, Pipeline, endpoint_counts
+from tests.support.pipeline import APPS, FAST_RETRY_SETTINGS, FINGERPRINT_KEY, Pipeline, endpoint_counts
+from worker.jobs.login import LoginOutcome, login_user
+from worker.jobs.phone import JobPolicy
+from worker.settings import AppCredentials
+from worker.wechat.client import WeChatClient
 
 APPID = "wxpipeline000001"
 LOGIN = "wxphone.login"
@@ -106,3 +111,39 @@ def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipe
         "unionid": None,
     }
     assert endpoint_counts(pipeline.sandbox, "login").calls == 5
+
+
+def test_a_login_run_again_after_it_succeeded_returns_the_user_without_a_second_exchange(
+    pipeline: Pipeline,
+) -> None:
+    """What a redelivered ``wxphone.login`` does (its worker died after the login committed,
+    before the message was acknowledged): the same task id and code run again."""
+    openid, unionid = "oLoginAgain0001", "uLoginAgain0001"
+    js_code, _ = pipeline.sandbox.mint_login_code(APPID, openid=openid, unionid=unionid)
+    client = WeChatClient(pipeline.sandbox.base_url, timeout=(2.0, 5.0))
+
+    def run(task_id: str) -> LoginOutcome:
+        return login_user(
+            appid=APPID,
+            js_code=js_code,
+            attempt=1,
+            sessions=pipeline.sessions,
+            client=client,
+            apps={APPID: AppCredentials(APPID, APPS[APPID])},
+            policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
+            task_id=task_id,
+        )
+
+    task_id = str(uuid.uuid4())
+    first = run(task_id)
+    assert (first.status, first.openid, first.unionid) == ("succeeded", openid, unionid)
+    assert run(task_id) == first  # the code is spent at WeChat: not presented again
+    calls = endpoint_counts(pipeline.sandbox, "login")
+    assert (calls.calls, calls.errcodes) == (1, {"0": 1})
+    audit = "SELECT count(*) FROM exchange_audit WHERE api = 'login' AND job_id = :task_id"
+    assert pipeline.count(audit, task_id=task_id) == 1  # one exchange, one row, two runs
+
+    # The same code under another task id is a genuine reuse, refused by WeChat as before.
+    assert run(str(uuid.uuid4())).error_code == "invalid_code"
+    assert endpoint_counts(pipeline.sandbox, "login").calls == 2
+    client.close()

@@ -2,7 +2,11 @@
 
 The session_key WeChat returns is never returned or logged; it is stored encrypted
 (``users.session_key_encrypted``, bound to the user's row). Every code2Session call appends one
-row to ``exchange_audit``.
+row to ``exchange_audit``; a successful call's row is committed with the user row.
+
+A login code can be exchanged once. A task that runs again after its login succeeded (its message
+redelivered because the worker died before acknowledging it) finds its own successful audit row
+and returns the recorded user instead of presenting the spent code to WeChat again.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import User
-from models.exchange_audit import AuditApi
-from worker.audit import AuditEntry, clean_caller, record_exchange
+from models import ExchangeAudit, User
+from models.exchange_audit import AuditApi, AuditOutcome
+from worker.audit import AuditEntry, append_rows, audit_row, clean_caller, record_exchange
 from worker.crypto import DataProtection, default_protection, row_key_version, users_context
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
 from worker.jobs.phone import JobPolicy
@@ -86,6 +90,11 @@ def login_user(
     except RequestRejectedError as error:
         return LoginOutcome("failed", error.error_code)
     credentials = apps[login.appid]
+    fingerprint = code_fingerprint(policy.fingerprint_key, login.appid, login.js_code)
+    if task_id is not None:
+        done = _earlier_success(sessions, appid=login.appid, task_id=task_id, fingerprint=fingerprint)
+        if done is not None:
+            return done
     try:
         if gate is not None:
             gate.acquire(login.appid, API_LOGIN)
@@ -101,7 +110,7 @@ def login_user(
         login.appid,
         None,
         task_id,
-        code_fingerprint(policy.fingerprint_key, login.appid, login.js_code),
+        fingerprint,
         clean_caller(caller),
     )
     started = time.monotonic()
@@ -112,7 +121,7 @@ def login_user(
         if not isinstance(error, WxphoneError):
             raise
         return _failed_call(error, login.appid, attempt, policy, gate)
-    record_exchange(sessions, dataclasses.replace(audit, openid=result.openid), started=started)
+    succeeded = audit_row(dataclasses.replace(audit, openid=result.openid), started=started)
     cipher = (protection or default_protection()).cipher
     session_key = cipher.encrypt(
         result.session_key, context=users_context("session_key", login.appid, result.openid)
@@ -138,7 +147,32 @@ def login_user(
             },
         )
         session.execute(statement)
+        # In the user's transaction: a successful audit row means the user row is there too.
+        append_rows(session, [succeeded])
     return LoginOutcome("succeeded", None, appid=login.appid, openid=result.openid, unionid=result.unionid)
+
+
+def _earlier_success(
+    sessions: sessionmaker[Session], *, appid: str, task_id: str, fingerprint: str
+) -> LoginOutcome | None:
+    """The outcome of this task's earlier run that exchanged this very code, if one succeeded."""
+    with sessions() as session:
+        row = session.execute(
+            select(User.openid, User.unionid)
+            .join(ExchangeAudit, (ExchangeAudit.appid == User.appid) & (ExchangeAudit.openid == User.openid))
+            .where(
+                ExchangeAudit.api == AuditApi.LOGIN.value,
+                ExchangeAudit.job_id == task_id,
+                ExchangeAudit.appid == appid,
+                ExchangeAudit.code_fingerprint == fingerprint,
+                ExchangeAudit.outcome == AuditOutcome.SUCCEEDED.value,
+            )
+            .limit(1)
+        ).one_or_none()
+    if row is None:
+        return None
+    log.info("login already succeeded in an earlier run of this task", extra={"task_id": task_id})
+    return LoginOutcome("succeeded", None, appid=appid, openid=row.openid, unionid=row.unionid)
 
 
 def _failed_call(
