@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -66,8 +67,6 @@ Round = Callable[[int], tuple[float, float]]
 
 
 def _wxphone_round(admin: SandboxAdmin, database_url: str, redis_url: str) -> Round:
-    from datetime import UTC, datetime
-
     from worker.jobs.phone import record_submission, resolve_phone_job
     from worker.jobs.validation import code_fingerprint
     from worker.runtime import Runtime

@@ -20,7 +20,15 @@ from models.exchange_audit import AuditApi, AuditOutcome, ExchangeAudit
 from worker.errors import RetryLaterError, TokenInvalidError
 from worker.wechat.errors import WeChatError
 
-__all__ = ["MAX_CALLER_LENGTH", "AuditEntry", "append_rows", "audit_row", "clean_caller", "record_exchange"]
+__all__ = [
+    "AUDIT_ROW_COLUMNS",
+    "MAX_CALLER_LENGTH",
+    "AuditEntry",
+    "append_rows",
+    "audit_row",
+    "clean_caller",
+    "record_exchange",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,22 @@ def outcome_of(error: BaseException | None) -> tuple[AuditOutcome, int | None, s
     error_code = getattr(error, "error_code", None) or "internal_error"
     retryable = isinstance(error, RetryLaterError | TokenInvalidError)
     return (AuditOutcome.RETRYING if retryable else AuditOutcome.FAILED), errcode, rid, error_code
+
+
+#: The columns of a row built by :func:`audit_row`, in a fixed order (for hand-written inserts).
+AUDIT_ROW_COLUMNS = (
+    "appid",
+    "openid",
+    "job_id",
+    "code_fingerprint",
+    "api",
+    "outcome",
+    "errcode",
+    "error_code",
+    "rid",
+    "latency_ms",
+    "caller",
+)
 
 
 def audit_row(

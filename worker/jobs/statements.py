@@ -23,23 +23,9 @@ from sqlalchemy import Connection
 
 from models.code_claim import CodeClaimStatus
 from models.phone_job import PhoneJobStatus
+from worker.audit import AUDIT_ROW_COLUMNS
 
-__all__ = ["AUDIT_COLUMNS", "ClaimedAttempt", "PhoneFields", "claim_job_and_code", "record_phone_success"]
-
-#: The columns of one ``exchange_audit`` row, as built by :func:`worker.audit.audit_row`.
-AUDIT_COLUMNS = (
-    "appid",
-    "openid",
-    "job_id",
-    "code_fingerprint",
-    "api",
-    "outcome",
-    "errcode",
-    "error_code",
-    "rid",
-    "latency_ms",
-    "caller",
-)
+__all__ = ["ClaimedAttempt", "PhoneFields", "claim_job_and_code", "record_phone_success"]
 
 _RUNNING = PhoneJobStatus.RUNNING.value
 _CLAIMABLE_SQL = f"'{PhoneJobStatus.QUEUED.value}', '{PhoneJobStatus.RETRYING.value}'"
@@ -144,7 +130,7 @@ def _record_success_sql(audit_row_count: int) -> str:
     """The success statement with room for ``audit_row_count`` audit rows (1, or 2 after a
     token refresh)."""
     audit_values = ",\n        ".join(
-        "(" + ", ".join(f"%(audit{index}_{column})s" for column in AUDIT_COLUMNS) + ")"
+        "(" + ", ".join(f"%(audit{index}_{column})s" for column in AUDIT_ROW_COLUMNS) + ")"
         for index in range(audit_row_count)
     )
     # The user's phone fields, the job's final state, the code claim and the audit rows commit
@@ -186,7 +172,7 @@ WITH saved_user AS (
     WHERE appid = %(appid)s AND code_fingerprint = %(fingerprint)s AND job_id = %(job_id)s
       AND status IN ({_OPEN_CLAIM_SQL})
 )
-INSERT INTO exchange_audit ({", ".join(AUDIT_COLUMNS)})
+INSERT INTO exchange_audit ({", ".join(AUDIT_ROW_COLUMNS)})
 VALUES
         {audit_values}
 """
@@ -221,6 +207,6 @@ def record_phone_success(
         "country_code": fields.country_code,
     }
     for index, row in enumerate(audit_rows):
-        for column in AUDIT_COLUMNS:
+        for column in AUDIT_ROW_COLUMNS:
             parameters[f"audit{index}_{column}"] = row[column]
     connection.exec_driver_sql(_record_success_sql(len(audit_rows)), parameters)
