@@ -9,6 +9,7 @@ from __future__ import annotations
 from models.base import NAMING_CONVENTION, Base
 from models.code_claim import TERMINAL_CLAIM_STATUSES, CodeClaim, CodeClaimStatus
 from models.exchange_audit import AuditApi, AuditOutcome, ExchangeAudit
+from models.key_check import KeyCheck
 from models.phone_job import TERMINAL_JOB_STATUSES, PhoneJob, PhoneJobStatus
 from models.user import User
 
@@ -22,6 +23,7 @@ __all__ = [
     "CodeClaim",
     "CodeClaimStatus",
     "ExchangeAudit",
+    "KeyCheck",
     "PhoneJob",
     "PhoneJobStatus",
     "User",

@@ -76,6 +76,8 @@ class ExchangeAudit(Base):
         Index(None, "appid", "openid"),
         Index(None, "job_id"),
         Index(None, "created_at"),
+        # A retried final write appends a call's row at most once.
+        Index(None, "call_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -98,6 +100,8 @@ class ExchangeAudit(Base):
     latency_ms: Mapped[int] = mapped_column(Integer, nullable=False)
     #: Optional label the front end passed (``caller=``): printable, at most 64 characters.
     caller: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: One random id per WeChat call (32 hex characters).
+    call_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     def __repr__(self) -> str:
         return (

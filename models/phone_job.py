@@ -45,8 +45,9 @@ class PhoneJob(Base):
     job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     appid: Mapped[str] = mapped_column(String(64), nullable=False)
     openid: Mapped[str] = mapped_column(String(128), nullable=False)
-    #: A keyed HMAC of the phone code; the code itself is never stored.
-    code_fingerprint: Mapped[str] = mapped_column(String(64), nullable=False)
+    #: A keyed HMAC of the phone code, written by the worker that first claims the job (front ends
+    #: do not hold the fingerprint key); the code itself is never stored.
+    code_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[str] = mapped_column(
         String(16), nullable=False, server_default=text(f"'{PhoneJobStatus.QUEUED.value}'")
     )
@@ -65,6 +66,8 @@ class PhoneJob(Base):
     canonical_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: When a worker last claimed the job; a ``running`` job with an old claim has lost its worker.
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: The worker process (its runner id, :mod:`worker.liveness`) that holds a ``running`` job.
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     #: Exchanges whose reply never arrived (timeout after sending, worker death mid-call): the
     #: only case in which the same code may be presented to WeChat twice.
     lost_replies: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))

@@ -47,6 +47,11 @@ class User(Base):
     #: Always a string of digits such as ``"86"``, never an int (a leading zero would be lost).
     country_code: Mapped[str | None] = mapped_column(String(8), nullable=True)
     phone_verified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When the code behind the stored number was issued (WeChat's ``watermark.timestamp``, the
+    #: user's tap) and when its job was submitted: a verification that is older by this pair never
+    #: replaces the stored number, whatever order the jobs finish in.
+    phone_code_issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    phone_job_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = created_at_column()
     updated_at: Mapped[datetime] = updated_at_column()
 

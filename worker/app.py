@@ -7,8 +7,9 @@ from typing import Any
 from celery import Celery, signals
 
 from worker.db import check_schema_at_head
+from worker.keychecks import verify_shared_key
 from worker.logs import configure_logging
-from worker.runtime import get_runtime, reset_runtime
+from worker.runtime import current_runtime, get_runtime, reset_runtime
 from worker.settings import get_settings
 
 app = Celery("wxphone")
@@ -30,8 +31,22 @@ def _fresh_connections_in_child(**_: Any) -> None:
     reset_runtime()
 
 
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _give_up_liveness_lease(**_: Any) -> None:
+    # A warm shutdown has finished every run of this process: its jobs need not wait for the
+    # lease to lapse before another delivery may take them over.
+    runtime = current_runtime()
+    if runtime is not None and "lease" in runtime.__dict__:
+        runtime.lease.stop()
+
+
 @signals.worker_init.connect
-def _refuse_outdated_schema(**_: Any) -> None:
+def _refuse_outdated_schema_or_foreign_keys(**_: Any) -> None:
     # Raising here stops the worker before it consumes anything, with the message naming the
-    # command to run (``wxphone db upgrade``).
-    check_schema_at_head(get_runtime().engine)
+    # command to run (``wxphone db upgrade``) or the variable whose key differs from the fleet's.
+    runtime = get_runtime()
+    check_schema_at_head(runtime.engine)
+    settings = runtime.settings
+    verify_shared_key(runtime.engine, "fingerprint_key", settings.fingerprint_key, record=True)
+    verify_shared_key(runtime.engine, "blind_index_key", settings.field_blind_index_key(), record=True)

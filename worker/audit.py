@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Table, insert
+from sqlalchemy import Table
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -82,6 +84,7 @@ AUDIT_ROW_COLUMNS = (
     "rid",
     "latency_ms",
     "caller",
+    "call_id",
 )
 
 
@@ -108,13 +111,16 @@ def audit_row(
         "rid": rid[:64] if rid else None,
         "latency_ms": latency_ms,
         "caller": entry.caller,
+        # Makes the row's insert idempotent: a final write retried after its commit reply was
+        # lost appends nothing twice.
+        "call_id": uuid.uuid4().hex,
     }
 
 
 def append_rows(session: Session, rows: list[dict[str, object]]) -> None:
     """Insert audit rows inside the caller's transaction (one Core statement, no ORM work)."""
     if rows:
-        session.execute(insert(EXCHANGE_AUDIT_TABLE), rows)
+        session.execute(insert(EXCHANGE_AUDIT_TABLE).on_conflict_do_nothing(index_elements=["call_id"]), rows)
 
 
 def record_exchange(

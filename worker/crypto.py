@@ -33,6 +33,7 @@ from sqlalchemy import Case, ColumnElement, case, func
 from sqlalchemy.orm import QueryableAttribute
 
 from models.user import User
+from worker.keychecks import check_value
 from worker.settings import EncryptionKey, Settings, get_settings
 from worker.wechat.types import mask_phone_number as _mask_mainland_style
 
@@ -164,6 +165,10 @@ class BlindIndex:
 
     def __repr__(self) -> str:
         return "BlindIndex()"
+
+    def check_value(self) -> str:
+        """The key's check value, compared with the fleet's (:mod:`worker.keychecks`)."""
+        return check_value(self._key)
 
     def of(self, number: str, *, country_code: str | None = None) -> str:
         """The index of ``number`` (see :func:`normalise_phone_number` for the accepted forms)."""

@@ -41,6 +41,7 @@ __all__ = [
     "downgrade",
     "ensure_database_exists",
     "head_revision",
+    "is_transient_database_error",
     "make_engine",
     "session_factory",
     "upgrade_to_head",
@@ -124,6 +125,21 @@ def _guard_against_fork(engine: Engine) -> None:
             raise exc.DisconnectionError(
                 f"connection opened in process {record.info.get('pid')} checked out in {os.getpid()}"
             )
+
+
+#: SQLSTATE of a unique violation: with ON CONFLICT upserts, only a race between concurrent
+#: inserts produces one, and running the statement again resolves it.
+UNIQUE_VIOLATION = "23505"
+
+
+def is_transient_database_error(error: exc.DBAPIError) -> bool:
+    """Whether running the same statement later may succeed: the server is unreachable,
+    restarting, out of resources or timed the statement out (``OperationalError``), the driver
+    lost its connection, or concurrent inserts raced. Anything else (``DataError``, other
+    ``IntegrityError``s, ``ProgrammingError``) fails the same way every time."""
+    if error.connection_invalidated or isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return True
+    return isinstance(error, exc.IntegrityError) and getattr(error.orig, "sqlstate", None) == UNIQUE_VIOLATION
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

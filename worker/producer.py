@@ -10,7 +10,8 @@ Front ends need the broker and the database, never an AppSecret::
     users = find_users_by_phone(phone_number="13800138000")   # exact match, via the blind index
 
 Numbers are stored encrypted (``docs/security.md``); reading them needs the same
-``WXPHONE_ENCRYPTION_KEYS`` and ``WXPHONE_BLIND_INDEX_KEY`` as the workers.
+``WXPHONE_ENCRYPTION_KEYS`` and ``WXPHONE_BLIND_INDEX_KEY`` as the workers. Front ends do not need
+the fingerprint key: the workers alone fingerprint codes.
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import PhoneJob, User
+from models import KeyCheck, PhoneJob, PhoneJobStatus, User
 from worker.audit import clean_caller
 from worker.crypto import DataProtection, default_protection, users_context
 from worker.jobs.phone import JobPolicy, record_submission, utc_now
-from worker.jobs.validation import code_fingerprint, validate_phone_job
+from worker.jobs.validation import validate_phone_job
+from worker.keychecks import compare_with_recorded
 from worker.wechat.types import mask_phone_number
 
 __all__ = [
@@ -130,6 +132,7 @@ class Producer:
         self.policy = policy
         self.clock = clock
         self._protection = protection
+        self._blind_index_key_checked = False
 
     @property
     def protection(self) -> DataProtection:
@@ -145,17 +148,21 @@ class Producer:
         64 characters; anything else is dropped).
 
         Raises :class:`worker.jobs.validation.InvalidInputError` for malformed input (nothing is
-        recorded) and :class:`PublishError` when the broker cannot take the job.
+        recorded) and :class:`PublishError` when the broker cannot take the job (the job is then
+        marked ``failed``/``enqueue_failed``, unless a worker already took it up: a publish that
+        raised after the broker stored the message returns the job id as usual).
         """
         job = validate_phone_job(appid=appid, openid=openid, code=code, configured_appids=None)
         job_id = str(uuid.uuid4())
         with self.sessions.begin() as session:
+            # No fingerprint here: front ends do not hold the fingerprint key; the worker that
+            # claims the job writes it with the fleet's one key.
             record_submission(
                 session,
                 job_id=job_id,
                 appid=job.appid,
                 openid=job.openid,
-                fingerprint=code_fingerprint(self.policy.fingerprint_key, job.appid, job.code),
+                fingerprint=None,
                 now=self.clock(),
                 code_lifetime_seconds=self.policy.code_lifetime_seconds,
             )
@@ -168,12 +175,17 @@ class Producer:
                 queue=JOB_QUEUE,
             )
         except Exception as error:
+            # The publish may have failed after the broker took the message (a lost confirm, a
+            # connection dropped after the write): a job a worker has already started or finished
+            # is not touched, and is this submission's job after all.
             with self.sessions.begin() as session:
-                session.execute(
+                marked = session.execute(
                     update(PhoneJob)
-                    .where(PhoneJob.job_id == job_id)
+                    .where(PhoneJob.job_id == job_id, PhoneJob.status == PhoneJobStatus.QUEUED.value)
                     .values(status="failed", error_code="enqueue_failed", finished_at=self.clock())
                 )
+            if not cast("CursorResult[Any]", marked).rowcount:
+                return job_id
             raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
         return job_id
 
@@ -224,6 +236,7 @@ class Producer:
         ``phone_number`` may carry its country code (``+86 138 0013 8000``); without one it is a
         mainland number. The lookup uses the keyed blind index, never a plaintext column.
         """
+        self._check_blind_index_key()
         try:
             index = self.protection.blind_index.of(phone_number)
         except ValueError:
@@ -236,6 +249,18 @@ class Producer:
         with self.sessions() as session:
             users = session.execute(query.order_by(User.appid, User.id)).scalars().all()
             return [self._view(user) for user in users]
+
+    def _check_blind_index_key(self) -> None:
+        """Refuse lookups under a blind-index key other than the workers' (they would find no
+        one); checked until the workers have recorded theirs, then once."""
+        if self._blind_index_key_checked:
+            return
+        with self.sessions() as session:
+            stored = session.execute(
+                select(KeyCheck.check_value).where(KeyCheck.name == "blind_index_key")
+            ).scalar_one_or_none()
+        compare_with_recorded("blind_index_key", self.protection.blind_index.check_value(), stored)
+        self._blind_index_key_checked = stored is not None
 
     def _view(self, user: User) -> UserView:
         cipher = self.protection.cipher

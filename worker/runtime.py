@@ -21,6 +21,7 @@ from worker.crypto import DataProtection
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
 from worker.limits import API_LOGIN, API_PHONE, CallGate
+from worker.liveness import RunnerLease
 from worker.settings import Settings, get_settings
 from worker.tokens.service import TokenService
 from worker.tokens.store import TokenStore
@@ -29,7 +30,7 @@ from worker.wechat.client import WeChatClient
 if TYPE_CHECKING:
     from worker.producer import Producer
 
-__all__ = ["Runtime", "get_runtime", "reset_runtime"]
+__all__ = ["Runtime", "current_runtime", "get_runtime", "reset_runtime"]
 
 #: Enough pooled HTTP connections and Redis connections for a threaded or gevent pool.
 CONNECTION_POOL_SIZE = 128
@@ -109,6 +110,15 @@ class Runtime:
         )
 
     @cached_property
+    def lease(self) -> RunnerLease:
+        """This process's liveness lease (same Redis as the token store); renewed once started."""
+        return RunnerLease(
+            self.redis,
+            lease_seconds=self.settings.runner_lease_seconds,
+            call_budget_seconds=self.settings.wechat_call_budget_seconds,
+        )
+
+    @cached_property
     def engine(self) -> Engine:
         """The PostgreSQL engine of this process (pre-ping on), sized by the settings."""
         timeout_ms = int(self.settings.database_statement_timeout_seconds * 1000)
@@ -151,7 +161,9 @@ class Runtime:
         )
 
     def close(self) -> None:
-        """Close pooled connections that were opened."""
+        """Give up the liveness lease and close pooled connections that were opened."""
+        if "lease" in self.__dict__:
+            self.lease.stop()
         if "engine" in self.__dict__:
             self.engine.dispose()
         if "wechat_client" in self.__dict__:
@@ -170,6 +182,12 @@ def get_runtime() -> Runtime:
     with _lock:
         if _runtime is None:
             _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    """The process-wide runtime if one was built (never builds one)."""
+    with _lock:
         return _runtime
 
 

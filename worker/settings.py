@@ -311,6 +311,10 @@ class Settings(BaseSettings):
     task_soft_time_limit_seconds: float = Field(default=100.0, gt=0)
     visibility_timeout_seconds: float = Field(default=600.0, gt=0)
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
+    #: Each worker process holds a liveness lease in Redis this long, renewed 8 times per period.
+    #: A job running under a process whose lease lapsed may be taken over by another delivery;
+    #: a process presents a code only while its lease outlasts the call (worker.liveness).
+    runner_lease_seconds: float = Field(default=20.0, gt=0)
 
     # Fleet-wide outgoing limits per (appid, API) per window; 0 means no local limit. A 45011
     # from WeChat pauses that app's calls until the window ends.
@@ -523,6 +527,11 @@ class Settings(BaseSettings):
                 "WXPHONE_TASK_SOFT_TIME_LIMIT_SECONDS must exceed the HTTP connect+read timeout "
                 "plus WXPHONE_TOKEN_WAIT_SECONDS"
             )
+        if self.runner_lease_seconds - self.wechat_call_budget_seconds < self.runner_lease_seconds / 4:
+            raise ValueError(
+                "WXPHONE_RUNNER_LEASE_SECONDS must exceed the HTTP connect+read timeout plus 2 s by a "
+                "quarter of the lease (two renewals), so that a live worker keeps presenting codes"
+            )
         needed = self.task_time_limit_seconds + self.longest_retry_delay_seconds
         if self.visibility_timeout_seconds <= needed:
             raise ValueError(
@@ -555,6 +564,12 @@ class Settings(BaseSettings):
             self.stale_claim_seconds,  # waiting for another delivery's claim to go stale
             self.database_retry_max_seconds,  # backoff while PostgreSQL is unreachable
         )
+
+    @property
+    def wechat_call_budget_seconds(self) -> float:
+        """The longest one WeChat call may take, with a margin: a worker starts a call only while
+        its liveness lease has at least this long to run."""
+        return self.http_timeout_total_seconds + 2.0
 
     @property
     def http_timeout_total_seconds(self) -> float:

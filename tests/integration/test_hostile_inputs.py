@@ -1,6 +1,7 @@
 """Properties of the phone job under hostile input, with real PostgreSQL, Redis and HTTP:
 
-* any task kwargs (objects, strings, unicode, huge values) end in success or a known error code,
+* any task id and kwargs (objects, strings, unicode, huge values, ids no job row can hold) end in
+  success or a known error code,
   and a failed job leaves no user row behind;
 * any reply from something posing as WeChat ends the same way, with no partial write.
 
@@ -27,6 +28,7 @@ from tests.support.scripted_wechat import ScriptedWeChat, scripted_wechat
 from worker.crypto import BlindIndex, DataProtection, FieldCipher
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobOutcome, JobPolicy, resolve_phone_job
+from worker.liveness import RunnerLease
 from worker.sandbox.admin import SandboxAdmin
 from worker.settings import (
     DEVELOPMENT_BLIND_INDEX_KEY,
@@ -43,6 +45,8 @@ SECRET = "hostile-test-secret-0123456789ab"
 #: Every error code a phone job may end with on these paths; "internal_error" (a crash) is not one.
 KNOWN_ERROR_CODES = {
     "invalid_input",
+    "invalid_job_id",
+    "invalid_reply",
     "app_not_configured",
     "invalid_code",
     "high_risk_user",
@@ -92,6 +96,7 @@ class World:
     engine: Engine
     sessions: sessionmaker[Session]
     redis: redis.Redis
+    lease: RunnerLease
 
     def users(self) -> str:
         """A digest of every users row (an UPDATE also moves updated_at, so any write shows)."""
@@ -118,9 +123,11 @@ class World:
 def world(migrated_database_url: str, redis_urls: RedisUrls) -> Iterator[World]:
     engine = make_engine(migrated_database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims"))
+        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
     client = redis.Redis.from_url(redis_urls.redis_url)
-    yield World(engine, session_factory(engine), client)
+    lease = RunnerLease(client, lease_seconds=20, call_budget_seconds=9)
+    yield World(engine, session_factory(engine), client, lease)
+    lease.stop()
     client.close()
     engine.dispose()
 
@@ -147,13 +154,14 @@ def check(outcome: JobOutcome, world: World, openid: object, users_before: str) 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
+    job_id=half(st.uuids().map(str), st.one_of(st.text(min_size=60, max_size=80), ANYTHING)),
     appid=half(st.just(APPID), st.one_of(st.just("wxnotconfigured1"), ANYTHING)),
     openid=half(st.from_regex(r"o[A-Za-z0-9_-]{5,40}", fullmatch=True), ANYTHING),
     code=half(st.sampled_from([MINT, "never-issued-code-0123456789"]), ANYTHING),
     caller=half(st.from_regex(r"[a-z-]{1,64}", fullmatch=True), ANYTHING),
 )
 def test_any_task_kwargs_end_in_a_known_outcome_without_partial_writes(
-    world: World, sandbox: SandboxAdmin, appid: Any, openid: Any, code: Any, caller: Any
+    world: World, sandbox: SandboxAdmin, job_id: Any, appid: Any, openid: Any, code: Any, caller: Any
 ) -> None:
     sandbox.register_app(APPID, SECRET)
     if code is MINT:
@@ -162,7 +170,7 @@ def test_any_task_kwargs_end_in_a_known_outcome_without_partial_writes(
     users_before = world.users()
     try:
         outcome = resolve_phone_job(
-            job_id=str(uuid.uuid4()),
+            job_id=job_id,
             appid=appid,
             openid=openid,
             code=code,
@@ -170,6 +178,7 @@ def test_any_task_kwargs_end_in_a_known_outcome_without_partial_writes(
             token_service=token_service(client, world),
             client=client,
             policy=POLICY,
+            lease=world.lease,
             protection=PROTECTION,
             caller=caller,
         )
@@ -264,6 +273,7 @@ def test_any_wechat_reply_ends_in_a_known_outcome_without_partial_writes(
             token_service=token_service(client, world),
             client=client,
             policy=POLICY,
+            lease=world.lease,
             protection=PROTECTION,
         )
     finally:

@@ -22,7 +22,7 @@ STALE_SECONDS = 135.0
 def sessions(migrated_database_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(migrated_database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims"))
+        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
     yield session_factory(engine)
     engine.dispose()
 

@@ -117,7 +117,7 @@ def running_pipeline(
         sandbox.register_app(appid, secret)
     engine = make_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims"))
+        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
     all_settings: dict[str, Any] = {
         "database_url": database_url,
         "broker_url": broker_url,

@@ -130,8 +130,12 @@ def test_a_successful_phone_reply_is_typed_or_refused(
     try:
         value = client.get_phone_number(access_token="T" * 40, code="C" * 32)
     except WeChatError as error:
-        assert error.error_code == "upstream_unavailable"  # a malformed reply: retried, not trusted
+        # The code is spent once WeChat answers success: an unusable phone_info is refused for good
+        # (a retry could only get 40029), never trusted and never stored.
+        assert error.error_code == "invalid_reply"
         return
     assert isinstance(value, PhoneInfo)
     assert all(isinstance(part, str) for part in (value.phone_number, value.pure_phone_number))
-    assert value.country_code.isdigit() and isinstance(value.watermark_timestamp, int)
+    assert value.country_code.isdigit() and 1 <= len(value.country_code) <= 4
+    assert isinstance(value.watermark_timestamp, int)
+    assert len(value.phone_number) <= 32 and value.pure_phone_number.isdigit()

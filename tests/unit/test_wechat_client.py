@@ -31,6 +31,7 @@ from worker.wechat.errors import (
     WeChatError,
     WeChatHighRiskUserError,
     WeChatInvalidCodeError,
+    WeChatInvalidReplyError,
     WeChatMalformedReplyError,
     WeChatQuotaExhaustedError,
     WeChatRateLimitedError,
@@ -428,11 +429,55 @@ def test_token_reply_missing_fields_is_malformed(
         ),
     ],
 )  # fmt: skip
-def test_phone_reply_missing_fields_is_malformed(
+def test_phone_reply_missing_fields_is_refused_for_good(
     server: ScriptedServer, client: WeChatClient, phone_info: object
 ) -> None:
+    # A success reply: the code is spent, so retrying could only get 40029.
     server.reply_json({"errcode": 0, "errmsg": "ok", "phone_info": phone_info})
-    with pytest.raises(WeChatMalformedReplyError):
+    with pytest.raises(WeChatInvalidReplyError):
+        call_phone(client)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param("countryCode", "123456789", id="countryCode-longer-than-the-column"),
+        pytest.param("countryCode", 8612345, id="numeric-countryCode-too-long"),
+        pytest.param("purePhoneNumber", "1" * 40, id="pure-number-too-long"),
+        pytest.param("purePhoneNumber", "138-0013", id="pure-number-not-digits"),
+        pytest.param("phoneNumber", "+86 " + "1" * 40, id="number-too-long"),
+        pytest.param("phoneNumber", "call me", id="number-without-digits"),
+    ],
+)
+def test_phone_reply_with_values_no_number_has_is_refused_for_good(
+    server: ScriptedServer, client: WeChatClient, field: str, value: object
+) -> None:
+    info: dict[str, object] = {
+        "phoneNumber": PHONE_NUMBER,
+        "purePhoneNumber": PHONE_NUMBER,
+        "countryCode": "86",
+        "watermark": {"timestamp": 1_700_000_000, "appid": APPID},
+        field: value,
+    }
+    server.reply_json({"errcode": 0, "errmsg": "ok", "phone_info": info})
+    with pytest.raises(WeChatInvalidReplyError) as raised:
+        call_phone(client)
+    assert raised.value.error_code == "invalid_reply"
+    assert str(value) not in str(raised.value)
+
+
+@pytest.mark.parametrize("timestamp", [0, 1, -5, 2**40])
+def test_phone_reply_with_a_watermark_time_out_of_range_is_refused(
+    server: ScriptedServer, client: WeChatClient, timestamp: int
+) -> None:
+    info = {
+        "phoneNumber": PHONE_NUMBER,
+        "purePhoneNumber": PHONE_NUMBER,
+        "countryCode": "86",
+        "watermark": {"timestamp": timestamp, "appid": APPID},
+    }
+    server.reply_json({"errcode": 0, "errmsg": "ok", "phone_info": info})
+    with pytest.raises(WeChatInvalidReplyError):
         call_phone(client)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import User
 from worker.crypto import DecryptionError, FieldCipher, users_context
+from worker.keychecks import SHARED_KEYS, forget_check
 from worker.runtime import get_runtime
 
 __all__ = ["RotationResult", "keys_group", "key_version_counts", "rotate_keys"]
@@ -142,3 +143,15 @@ def keys_rotate_command(batch_size: int) -> None:
     if result.remaining:
         click.echo(f"{result.remaining} rows were busy (locked by a worker) and remain: run it again")
         raise SystemExit(1)
+
+
+@keys_group.command("forget-check")
+@click.argument("name", type=click.Choice(sorted(SHARED_KEYS)))
+def keys_forget_check_command(name: str) -> None:
+    """Forget the fleet's recorded check of a shared key (fingerprint_key or blind_index_key).
+
+    Workers refuse to start with a key other than the one the first worker recorded. To change
+    the key for the whole fleet, stop every worker, run this, then start them with the new key.
+    """
+    forgotten = forget_check(get_runtime().engine, name)
+    click.echo(f"{name}: {'check forgotten' if forgotten else 'no check was recorded'}")

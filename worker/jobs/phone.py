@@ -4,22 +4,33 @@ The job row in PostgreSQL is the source of truth; Celery only delivers. One run:
 
 1. validates the input (no WeChat call for bad input or an unknown app);
 2. records the job if the producer did not (a task sent by name from any Celery client);
-3. claims the job with a compare-and-set (``queued``/``retrying`` -> ``running``); a job that is
-   already terminal returns its stored outcome, so a redelivered message makes no WeChat call;
+3. claims the job for this process with a compare-and-set (``queued``/``retrying`` ->
+   ``running``); a job that is already terminal returns its stored outcome, so a redelivered
+   message makes no WeChat call; a job running elsewhere is taken over only when that run is
+   provably over (its process's liveness lease lapsed, :mod:`worker.liveness`), never because
+   the message says ``redelivered``;
 4. fails codes older than their 5-minute life without calling WeChat;
 5. claims the code itself in ``code_claims``: only the first submission of an (appid, code)
    exchanges it; later submissions wait for, and end with, the first one's outcome;
 6. exchanges the code through the shared token (one compare-and-delete refresh on a rejected
    token), never holding a database transaction across the HTTP call;
 7. checks ``watermark.appid`` and commits the user's phone fields, the job's final state, the
-   code claim and the audit rows in one transaction.
+   code claim and the audit rows in one transaction: the number is stored only together with
+   this job's transition to ``succeeded``, and only if no newer verification of the user is
+   stored (ordered by the code's issue time, then the job's submission).
+
+Every other write of a run is fenced on the run's own claim (``status = running`` and
+``claimed_by`` = this process): a run that was taken over changes nothing. Once a number is in
+hand, only its write may end the run: a soft time limit that strikes then is absorbed.
 
 In the common case steps 2 to 5 are one SQL statement and step 7 another
 (:mod:`worker.jobs.statements`); the rarer paths (a repeated code, a retry, an expired code, a
 failure) use ORM/Core statements in ordinary transactions.
 
-Failures follow the four reactions of :mod:`worker.errors`. No database lock is held across the
-WeChat call, and nothing here logs or returns a code or a phone number.
+Failures follow the four reactions of :mod:`worker.errors`; a database error that would repeat
+(``DataError``, a non-race ``IntegrityError``) ends the job ``database_rejected`` instead of
+looping. No database lock is held across the WeChat call, and nothing here logs or returns a
+code or a phone number.
 """
 
 from __future__ import annotations
@@ -31,9 +42,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
-from sqlalchemy import Boolean, Engine, literal_column, select, update
+from sqlalchemy import Boolean, ColumnElement, CursorResult, Engine, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
@@ -49,17 +60,24 @@ from worker.crypto import (
     mask_phone_number,
     users_context,
 )
-from worker.db import autocommit
+from worker.db import autocommit, is_transient_database_error
 from worker.errors import (
     OperatorActionRequiredError,
     RequestRejectedError,
     RetryLaterError,
     WxphoneError,
 )
-from worker.jobs.statements import PhoneFields, claim_job_and_code, record_phone_success
+from worker.jobs.statements import (
+    ClaimedAttempt,
+    PhoneFields,
+    RecordedSuccess,
+    claim_job_and_code,
+    record_phone_success,
+)
 from worker.jobs.validation import (
     code_fingerprint,
     display_identifier,
+    is_valid_task_id,
     validate_phone_job,
 )
 from worker.limits import (
@@ -69,6 +87,7 @@ from worker.limits import (
     LocallyRateLimitedError,
     seconds_to_window_end,
 )
+from worker.liveness import RunnerLease
 from worker.tokens.service import TokenService
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import (
@@ -80,7 +99,14 @@ from worker.wechat.errors import (
 )
 from worker.wechat.types import PhoneInfo
 
-__all__ = ["JobOutcome", "JobPolicy", "record_submission", "resolve_phone_job"]
+__all__ = [
+    "ExchangeInterruptedError",
+    "JobOutcome",
+    "JobPolicy",
+    "RunnerLeaseLapsedError",
+    "record_submission",
+    "resolve_phone_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +118,24 @@ OutcomeStatus = Literal["succeeded", "failed", "retrying", "running"]
 REPLY_LOST_ERROR_CODE = "reply_lost"
 #: The error of a job whose code was first submitted for another openid.
 CODE_REUSED_ERROR_CODE = "code_reused"
+#: The error of a message whose task id cannot be a job id (too long, not printable, NUL).
+INVALID_JOB_ID_ERROR_CODE = "invalid_job_id"
+#: The error of a job PostgreSQL refused to record for a reason that would repeat.
+DATABASE_REJECTED_ERROR_CODE = "database_rejected"
+
+
+class ExchangeInterruptedError(RetryLaterError):
+    """The run was interrupted (soft time limit) while its request was at WeChat: the code may
+    have been consumed, as with a lost reply."""
+
+    error_code = "interrupted"
+
+
+class RunnerLeaseLapsedError(RetryLaterError):
+    """This process could not renew its liveness lease recently enough to present a code: another
+    delivery may take its jobs over, so it makes no call (worker.liveness)."""
+
+    error_code = "liveness_lapsed"
 
 
 @dataclass(frozen=True)
@@ -106,9 +150,12 @@ class JobPolicy:
     max_attempts: int = 10
     #: A ``running`` job whose claim is older than this belongs to a dead worker.
     stale_claim_seconds: float = 75.0
-    #: How often a repeated submission looks whether the first one has finished. Short: the
-    #: usual repeat is a double tap, arriving while the first exchange (tens of ms) runs.
+    #: How soon a repeated submission first looks whether the first one has finished. Short: the
+    #: usual repeat is a double tap, arriving while the first exchange (tens of ms) runs. Each
+    #: further look waits ``DUPLICATE_POLL_GROWTH`` times longer, up to the maximum: a first job
+    #: held up for a minute (a 45011 pause) is looked at about a dozen times, not 240.
     duplicate_poll_seconds: float = 0.25
+    duplicate_poll_max_seconds: float = 8.0
     #: How long the final commit is retried in-process when PostgreSQL is unreachable: the
     #: code is spent by then, so giving up would lose the number.
     final_write_retry_seconds: float = 40.0
@@ -130,6 +177,10 @@ class JobOutcome:
         return {"job_id": self.job_id, "status": self.status, "error_code": self.error_code}
 
 
+#: How much longer each look of a waiting repeated submission waits than the one before.
+DUPLICATE_POLL_GROWTH = 1.5
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -140,11 +191,12 @@ def record_submission(
     job_id: str,
     appid: str,
     openid: str,
-    fingerprint: str,
+    fingerprint: str | None,
     now: datetime,
     code_lifetime_seconds: float,
 ) -> None:
-    """Insert the ``queued`` job row unless it exists (producers and workers both call this)."""
+    """Insert the ``queued`` job row unless it exists (producers, which leave the fingerprint to
+    the worker that claims the job, and workers both call this)."""
     statement = (
         insert(PhoneJob)
         .values(
@@ -163,7 +215,7 @@ def record_submission(
 
 def resolve_phone_job(
     *,
-    job_id: str,
+    job_id: object,
     appid: object,
     openid: object,
     code: object,
@@ -171,32 +223,66 @@ def resolve_phone_job(
     token_service: TokenService,
     client: WeChatClient,
     policy: JobPolicy,
+    lease: RunnerLease,
     gate: CallGate | None = None,
-    redelivered: bool = False,
+    earlier_retries: int = 0,
+    interruptions: tuple[type[BaseException], ...] = (),
     clock: Callable[[], datetime] = utc_now,
     protection: DataProtection | None = None,
     caller: object = None,
 ) -> JobOutcome:
     """Run one attempt of a phone-code job; see the module docstring for the steps.
 
-    ``protection`` encrypts the number (default: the process's keys); ``caller`` is the front
-    end's optional label for the audit trail (dropped unless printable and at most 64 characters).
-
-    ``redelivered`` is the broker's word that the previous delivery of this very message died
-    (its worker was killed, or it outlived the visibility timeout, which exceeds any run): such a
-    delivery may take over a job left ``running`` at once instead of waiting for it to go stale.
+    ``lease`` is this process's liveness lease (claims name it; a job running elsewhere is taken
+    over only once its holder's lease lapsed). ``earlier_retries`` is how often this job's task
+    already asked to run again (a waiting repeated submission backs off with it).
+    ``interruptions`` are the exceptions a time limit raises inside the run (Celery's
+    ``SoftTimeLimitExceeded``): before the exchange the job retries, during it the reply counts as
+    lost, after it the number's write still completes. ``protection`` encrypts the number
+    (default: the process's keys); ``caller`` is the front end's optional label for the audit
+    trail (dropped unless printable and at most 64 characters).
     """
-    run = _JobRun(job_id, engine, token_service, client, policy, clock, gate=gate, redelivered=redelivered)
+    if not is_valid_task_id(job_id):
+        # Such an id can never be recorded (phone_jobs.job_id is printable text of <= 64
+        # characters): refuse the message without touching the database or WeChat.
+        log.warning("phone job refused: its task id cannot be a job id")
+        return JobOutcome(display_identifier(job_id, limit=64), "failed", INVALID_JOB_ID_ERROR_CODE)
+    assert isinstance(job_id, str)
+    lease.start()
+    run = _JobRun(
+        job_id,
+        engine,
+        token_service,
+        client,
+        policy,
+        clock,
+        gate=gate,
+        lease=lease,
+        earlier_retries=earlier_retries,
+        interruptions=interruptions,
+    )
     run.protection = protection or default_protection()
     run.caller = clean_caller(caller)
-    try:
-        return run.execute(appid=appid, openid=openid, code=code)
-    except DBAPIError:
-        raise  # the task retries database outages with backoff
-    except Exception:
-        # A bug must not leave the job running until the sweep: record it as failed now.
-        log.exception("phone job failed unexpectedly", extra={"job_id": job_id})
-        return run.fail_unexpectedly()
+    with lease.running(job_id):
+        try:
+            return run.execute(appid=appid, openid=openid, code=code)
+        except DBAPIError as error:
+            if is_transient_database_error(error):
+                raise  # the task retries database outages with backoff
+            # The same statement would fail the same way on every retry: end the job.
+            log.error(
+                "phone job failed: PostgreSQL refused a statement (%s)",
+                type(error.orig).__name__,
+                extra={"job_id": job_id},
+            )
+            return run.fail_for_good(DATABASE_REJECTED_ERROR_CODE)
+        except interruptions:
+            log.warning("phone job interrupted by its time limit; it retries", extra={"job_id": job_id})
+            return run.release_after_interruption()
+        except Exception:
+            # A bug must not leave the job running until the sweep: record it as failed now.
+            log.exception("phone job failed unexpectedly", extra={"job_id": job_id})
+            return run.fail_for_good("internal_error")
 
 
 class _JobRun:
@@ -212,10 +298,14 @@ class _JobRun:
         clock: Callable[[], datetime],
         *,
         gate: CallGate | None,
-        redelivered: bool,
+        lease: RunnerLease,
+        earlier_retries: int,
+        interruptions: tuple[type[BaseException], ...],
     ) -> None:
         self.gate = gate
-        self.redelivered = redelivered
+        self.lease = lease
+        self.earlier_retries = earlier_retries
+        self.interruptions = interruptions
         #: Audit rows of this run's WeChat calls, written with the outcome they led to.
         self.audit_rows: list[dict[str, object]] = []
         self.job_id = job_id
@@ -266,36 +356,98 @@ class _JobRun:
             return self._record_failure(job.appid, fingerprint, error)
         except WxphoneError as error:  # TokenInvalidError cannot escape call_with_token; be safe
             return self._record_failure(job.appid, fingerprint, error)
-        if info.watermark_appid != job.appid:
-            log.error("phone_info watermark names another app", extra={"job_id": self.job_id})
-            return self._record_failure(job.appid, fingerprint, None, error_code="watermark_mismatch")
-        return self._record_success(job.appid, job.openid, fingerprint, info)
+        # The number is in hand: from here on only its write may end the run.
+        return self._to_the_end(lambda: self._finish_exchange(job.appid, job.openid, fingerprint, info))
 
-    def fail_unexpectedly(self) -> JobOutcome:
-        """Close the job as ``internal_error`` (and its code claim, if it owns one)."""
-        now = self.clock()
+    def _finish_exchange(self, appid: str, openid: str, fingerprint: str, info: PhoneInfo) -> JobOutcome:
+        if info.watermark_appid != appid:
+            log.error("phone_info watermark names another app", extra={"job_id": self.job_id})
+            return self._record_failure(appid, fingerprint, None, error_code="watermark_mismatch")
+        return self._record_success(appid, openid, fingerprint, info)
+
+    def _to_the_end(self, step: Callable[[], T]) -> T:
+        """Run ``step`` to its end even when a time limit strikes inside it (Celery's soft limit
+        strikes once; the hard limit, which kills the process, still bounds the run)."""
+        while True:
+            try:
+                return step()
+            except self.interruptions:
+                log.warning(
+                    "time limit reached with a number in hand; finishing its write",
+                    extra={"job_id": self.job_id},
+                )
+
+    def fail_for_good(self, error_code: str) -> JobOutcome:
+        """Close the job as failed with ``error_code`` (and its code claim, if it owns one),
+        unless another run holds it; when even that write is refused, say so without it."""
+        try:
+            with self._transaction() as session:
+                result = session.execute(
+                    update(PhoneJob)
+                    .where(
+                        PhoneJob.job_id == self.job_id,
+                        PhoneJob.status.not_in(_TERMINAL),
+                        self._not_held_elsewhere(),
+                    )
+                    .values(
+                        status=PhoneJobStatus.FAILED.value, error_code=error_code, finished_at=self.clock()
+                    )
+                )
+                if cast("CursorResult[Any]", result).rowcount:
+                    session.execute(
+                        update(CodeClaim)
+                        .where(
+                            CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL))
+                        )
+                        .values(status=CodeClaimStatus.FAILED.value, error_code=error_code)
+                    )
+                self._write_audit(session)
+            return self._stored_outcome()
+        except DBAPIError as error:
+            if is_transient_database_error(error):
+                raise
+            return JobOutcome(self.job_id, "failed", error_code)
+
+    def release_after_interruption(self) -> JobOutcome:
+        """A time limit struck outside the exchange and the number's write: let the job run again.
+        If its code was marked as being exchanged, the code may have reached WeChat: count a lost
+        reply (the rerun then says ``reply_lost`` if WeChat had consumed it)."""
         with self._transaction() as session:
-            session.execute(
-                update(PhoneJob)
-                .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
-                .values(status=PhoneJobStatus.FAILED.value, error_code="internal_error", finished_at=now)
-            )
-            session.execute(
-                update(CodeClaim)
-                .where(CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL)))
-                .values(status=CodeClaimStatus.FAILED.value, error_code="internal_error")
-            )
+            claim_status = session.execute(
+                select(CodeClaim.status).where(
+                    CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL))
+                )
+            ).scalar_one_or_none()
+            values: dict[str, Any] = {"status": PhoneJobStatus.RETRYING.value}
+            if claim_status == CodeClaimStatus.EXCHANGING.value:
+                values["lost_replies"] = PhoneJob.lost_replies + 1
+            if self._update_own_job(session, **values):
+                session.execute(
+                    update(CodeClaim)
+                    .where(CodeClaim.job_id == self.job_id, CodeClaim.status.not_in(list(_CLAIM_TERMINAL)))
+                    .values(status=CodeClaimStatus.PENDING.value, error_code=None)
+                )
             self._write_audit(session)
-        return self._stored_outcome()
+        return JobOutcome(
+            self.job_id, "retrying", ExchangeInterruptedError.error_code, retry_in_seconds=_jitter(2.0)
+        )
 
     # -- steps ----------------------------------------------------------------------------
 
     def _exchange(self, audit: AuditEntry, token: str, code: str, openid: str) -> PhoneInfo:
         """One getuserphonenumber call, with its audit row (one per call: a call repeated after
         a token refresh gets its own)."""
+        if not self.lease.may_call():
+            # Our lease may lapse before this call would end: another delivery could then take the
+            # job over and present the code too. Make no call; the job retries.
+            raise RunnerLeaseLapsedError("this worker's liveness lease is not fresh; no call made")
         started = time.monotonic()
         try:
             info = self.client.get_phone_number(access_token=token, code=code, openid=openid)
+        except self.interruptions:
+            interrupted = ExchangeInterruptedError("interrupted by the time limit while at WeChat")
+            self.audit_rows.append(audit_row(audit, started=started, error=interrupted))
+            raise interrupted from None
         except Exception as error:
             self.audit_rows.append(audit_row(audit, started=started, error=error))
             raise
@@ -352,21 +504,15 @@ class _JobRun:
         """
         now = self.clock()
         stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
-        with self.autocommit.connect() as connection:
-            claimed = claim_job_and_code(
-                connection,
-                job_id=self.job_id,
-                appid=appid,
-                openid=openid,
-                fingerprint=fingerprint,
-                now=now,
-                code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
-                # A redelivered message takes over from its dead predecessor without waiting.
-                takeover_before=now if self.redelivered else stale_before,
-                max_attempts=self.policy.max_attempts,
-            )
+        claimed = self._claim(appid, openid, fingerprint, now, stale_before, takeover_from=None)
         if claimed is None:
-            return self._not_claimable(now, stale_before)
+            holder = self._gone_holder_or_outcome(now, stale_before)
+            if isinstance(holder, JobOutcome):
+                return holder
+            log.warning("taking over a job whose run is over", extra={"job_id": self.job_id})
+            claimed = self._claim(appid, openid, fingerprint, now, stale_before, takeover_from=holder)
+            if claimed is None:  # another delivery took it over first: look again soon
+                return JobOutcome(self.job_id, "running", None, retry_in_seconds=_jitter(2.0))
         attempts, code_expires_at = claimed.attempts, claimed.code_expires_at
         if claimed.code_claimed:
             return attempts, code_expires_at
@@ -383,18 +529,62 @@ class _JobRun:
                 return deferred
         return attempts, code_expires_at
 
-    def _not_claimable(self, now: datetime, stale_before: datetime) -> JobOutcome:
-        """The outcome of a run that found its job terminal or running elsewhere."""
+    def _claim(
+        self,
+        appid: str,
+        openid: str,
+        fingerprint: str,
+        now: datetime,
+        stale_before: datetime,
+        *,
+        takeover_from: str | None,
+    ) -> ClaimedAttempt | None:
+        with self.autocommit.connect() as connection:
+            return claim_job_and_code(
+                connection,
+                job_id=self.job_id,
+                appid=appid,
+                openid=openid,
+                fingerprint=fingerprint,
+                now=now,
+                code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
+                runner=self.lease.runner_id,
+                takeover_before=stale_before,
+                takeover_from=takeover_from,
+                max_attempts=self.policy.max_attempts,
+            )
+
+    def _gone_holder_or_outcome(self, now: datetime, stale_before: datetime) -> str | JobOutcome:
+        """For a job this run could not claim: the runner holding it, when that run is provably
+        over (take it over); otherwise the outcome of this run (the job is terminal, or runs
+        elsewhere: look again when its holder's lease would lapse)."""
         with Session(self.engine) as session:
             job = session.get(PhoneJob, self.job_id)
         assert job is not None  # the claim statement records it
         if job.status in _TERMINAL:
             return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
-        # Another delivery of this job is running right now (or its worker died moments ago):
-        # look again once its claim would be stale.
+        if job.status != PhoneJobStatus.RUNNING.value:
+            # Released between our two statements: claim it on the next delivery.
+            return JobOutcome(self.job_id, job.status, None, retry_in_seconds=_jitter(1.0))  # type: ignore[arg-type]
         claimed_at = job.claimed_at or now
-        wait = (claimed_at - stale_before).total_seconds()
-        return JobOutcome(self.job_id, "running", None, retry_in_seconds=max(1.0, wait))
+        wait_seconds = max(1.0, (claimed_at - stale_before).total_seconds())  # until the claim is stale
+        holder = job.claimed_by
+        if holder is not None:
+            if holder == self.lease.runner_id:
+                if self.lease.runs_here(self.job_id) <= 1:
+                    return holder  # an earlier run in this process ended without closing the job
+                wait_seconds = min(wait_seconds, self.lease.lease_seconds / 2)
+            else:
+                lapses_in = self.lease.lapses_in_seconds(holder)
+                if lapses_in == 0.0:
+                    return holder
+                # Alive (or unknown: Redis unreachable): look again once its lease could lapse.
+                until_lapse = self.lease.lease_seconds if lapses_in is None else lapses_in
+                wait_seconds = min(wait_seconds, until_lapse + 0.5)
+        log.info(
+            "phone job runs elsewhere; looking again in %.1fs", wait_seconds, extra={"job_id": self.job_id}
+        )
+        return JobOutcome(self.job_id, "running", None, retry_in_seconds=wait_seconds)
 
     def _claim_code(
         self, session: Session, appid: str, openid: str, fingerprint: str, code_expires_at: datetime
@@ -429,18 +619,12 @@ class _JobRun:
             if claim.status == CodeClaimStatus.EXCHANGING.value:
                 # The previous attempt died between sending the code and recording the reply:
                 # the one case where a code is presented to WeChat twice. Count it.
-                session.execute(
-                    update(PhoneJob)
-                    .where(PhoneJob.job_id == self.job_id)
-                    .values(lost_replies=PhoneJob.lost_replies + 1)
-                )
+                self._update_own_job(session, lost_replies=PhoneJob.lost_replies + 1)
                 log.warning("re-exchanging a code whose reply was lost", extra={"job_id": self.job_id})
             else:
                 self._set_claim(session, appid, fingerprint, CodeClaimStatus.EXCHANGING.value, None)
             return None
-        session.execute(
-            update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(canonical_job_id=claim.job_id)
-        )
+        self._update_own_job(session, canonical_job_id=claim.job_id)
         first_openid = session.execute(
             select(PhoneJob.openid).where(PhoneJob.job_id == claim.job_id)
         ).scalar_one_or_none()
@@ -454,14 +638,14 @@ class _JobRun:
             # The first submission never finished; its code is long dead.
             return self._finish_in(session, "failed", "code_expired")
         # Waiting for the first submission is not an attempt at WeChat: do not count it.
-        session.execute(
-            update(PhoneJob)
-            .where(PhoneJob.job_id == self.job_id)
-            .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
-        )
-        return JobOutcome(
-            self.job_id, "retrying", None, retry_in_seconds=_jitter(self.policy.duplicate_poll_seconds)
-        )
+        self._update_own_job(session, status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
+        return JobOutcome(self.job_id, "retrying", None, retry_in_seconds=self._duplicate_poll_seconds())
+
+    def _duplicate_poll_seconds(self) -> float:
+        """How long a repeated submission waits before looking at the first one again."""
+        policy = self.policy
+        growth = DUPLICATE_POLL_GROWTH ** min(self.earlier_retries, 64)
+        return _jitter(min(policy.duplicate_poll_max_seconds, policy.duplicate_poll_seconds * growth))
 
     def _mirror_claim(self, session: Session, claim_status: str, claim_error_code: str | None) -> JobOutcome:
         if claim_status == CodeClaimStatus.SUCCEEDED.value:
@@ -471,11 +655,7 @@ class _JobRun:
     def _finish_in(
         self, session: Session, status: Literal["succeeded", "failed"], error_code: str | None
     ) -> JobOutcome:
-        session.execute(
-            update(PhoneJob)
-            .where(PhoneJob.job_id == self.job_id)
-            .values(status=status, error_code=error_code, finished_at=self.clock())
-        )
+        self._update_own_job(session, status=status, error_code=error_code, finished_at=self.clock())
         return JobOutcome(self.job_id, status, error_code)
 
     def _finish_without_exchange(
@@ -508,11 +688,10 @@ class _JobRun:
         if self.clock() + timedelta(seconds=delay) >= code_expires_at:
             return self._record_failure(appid, fingerprint, None, error_code="upstream_unavailable")
         with self._transaction() as session:
-            session.execute(
-                update(PhoneJob)
-                .where(PhoneJob.job_id == self.job_id)
-                .values(status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
-            )
+            if not self._update_own_job(
+                session, status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1
+            ):
+                return self._taken_over()
             self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
         return JobOutcome(self.job_id, "retrying", error.error_code, retry_in_seconds=delay)
 
@@ -524,20 +703,27 @@ class _JobRun:
                 self.gate.pause_until_window_end(appid, API_PHONE)
         delay = self._backoff_seconds(error, attempts)
         rid = error.rid if isinstance(error, WeChatError) else None
-        lost_reply = isinstance(error, WeChatTransportError) and error.maybe_processed
+        lost_reply = isinstance(error, ExchangeInterruptedError) or (
+            isinstance(error, WeChatTransportError) and error.maybe_processed
+        )
         out_of_time = self.clock() + timedelta(seconds=delay) >= code_expires_at
         if out_of_time or attempts >= self.policy.max_attempts:
             log.warning(
                 "phone job gave up after %d attempts: %s", attempts, error, extra={"job_id": self.job_id}
             )
-            return self._record_failure(appid, fingerprint, None, error_code="upstream_unavailable", rid=rid)
+            return self._record_failure(
+                appid, fingerprint, None, error_code="upstream_unavailable", rid=rid, lost_reply=lost_reply
+            )
         with self._transaction() as session:
             values: dict[str, Any] = {"status": PhoneJobStatus.RETRYING.value, "last_rid": rid}
             if lost_reply:
                 values["lost_replies"] = PhoneJob.lost_replies + 1
-            session.execute(update(PhoneJob).where(PhoneJob.job_id == self.job_id).values(**values))
-            self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
+            released = self._update_own_job(session, **values)
+            if released:
+                self._set_claim(session, appid, fingerprint, CodeClaimStatus.PENDING.value, None)
             self._write_audit(session)
+        if not released:
+            return self._taken_over()
         log.info("phone job retries in %.1fs: %s", delay, error, extra={"job_id": self.job_id})
         return JobOutcome(self.job_id, "retrying", error.error_code, retry_in_seconds=delay)
 
@@ -554,23 +740,41 @@ class _JobRun:
         one statement (worker.jobs.statements)."""
         protection = self.protection or default_protection()
         fields = _protect(info, appid=appid, openid=openid, protection=protection)
+        code_issued_at = datetime.fromtimestamp(info.watermark_timestamp, UTC)
 
-        def write() -> JobOutcome:
+        def write() -> RecordedSuccess:
             with self.autocommit.connect() as connection:
-                record_phone_success(
-                    connection,
-                    job_id=self.job_id,
-                    appid=appid,
-                    openid=openid,
-                    fingerprint=fingerprint,
-                    fields=fields,
-                    now=self.clock(),
-                    audit_rows=self.audit_rows,
-                )
+                try:
+                    recorded = record_phone_success(
+                        connection,
+                        job_id=self.job_id,
+                        appid=appid,
+                        openid=openid,
+                        fingerprint=fingerprint,
+                        fields=fields,
+                        code_issued_at=code_issued_at,
+                        now=self.clock(),
+                        audit_rows=self.audit_rows,
+                    )
+                except self.interruptions:
+                    # The statement may still be running at the server: never reuse this
+                    # connection. Written again, the statement changes nothing twice.
+                    connection.invalidate()
+                    raise
             self.audit_rows = []
-            return JobOutcome(self.job_id, "succeeded", None)
+            return recorded
 
-        return self._commit_with_retry(write)
+        recorded = self._commit_with_retry(write)
+        if not recorded.job_finished:
+            # The sweep or another run closed the job first (or our own earlier write did, its
+            # commit reply lost): the job's state stands, and the user row was not touched.
+            log.warning(
+                "phone job was already closed; its number is not stored", extra={"job_id": self.job_id}
+            )
+            return self._stored_outcome()
+        if not recorded.number_stored:
+            log.info("a newer verification of this user is stored; keeping it", extra={"job_id": self.job_id})
+        return JobOutcome(self.job_id, "succeeded", None)
 
     def _record_failure(
         self,
@@ -580,6 +784,7 @@ class _JobRun:
         *,
         error_code: str | None = None,
         rid: str | None = None,
+        lost_reply: bool = False,
     ) -> JobOutcome:
         """Commit a failed exchange's outcome: job state, code claim and audit rows together."""
         code = error_code or (error.error_code if error is not None else None)
@@ -600,16 +805,46 @@ class _JobRun:
                 values: dict[str, Any] = {"status": "failed", "error_code": final_code, "finished_at": now}
                 if last_rid:
                     values["last_rid"] = last_rid
-                session.execute(
-                    update(PhoneJob)
-                    .where(PhoneJob.job_id == self.job_id, PhoneJob.status.not_in(_TERMINAL))
-                    .values(**values)
-                )
-                self._settle_claim(session, appid, fingerprint, "failed", final_code, only_pending=False)
+                if lost_reply:
+                    values["lost_replies"] = PhoneJob.lost_replies + 1
+                closed = self._update_own_job(session, **values)
+                if closed:
+                    self._settle_claim(session, appid, fingerprint, "failed", final_code, only_pending=False)
                 self._write_audit(session)
+                if not closed:
+                    return self._taken_over()
                 return JobOutcome(self.job_id, "failed", final_code)
 
         return self._commit_with_retry(write)
+
+    def _taken_over(self) -> JobOutcome:
+        """The outcome of a run whose job another run took over (or closed) meanwhile."""
+        log.warning(
+            "phone job was taken over or closed meanwhile; this run changes nothing",
+            extra={"job_id": self.job_id},
+        )
+        return self._stored_outcome()
+
+    def _own_claim(self) -> tuple[ColumnElement[bool], ...]:
+        """The job row as this run claimed it: running, held by this process."""
+        return (
+            PhoneJob.job_id == self.job_id,
+            PhoneJob.status == PhoneJobStatus.RUNNING.value,
+            PhoneJob.claimed_by == self.lease.runner_id,
+        )
+
+    def _not_held_elsewhere(self) -> ColumnElement[bool]:
+        """Not running under another process's claim."""
+        return or_(
+            PhoneJob.status != PhoneJobStatus.RUNNING.value,
+            PhoneJob.claimed_by.is_(None),
+            PhoneJob.claimed_by == self.lease.runner_id,
+        )
+
+    def _update_own_job(self, session: Session, **values: Any) -> bool:
+        """Update the job if this run still holds its claim; whether it did."""
+        result = session.execute(update(PhoneJob).where(*self._own_claim()).values(**values))
+        return bool(cast("CursorResult[Any]", result).rowcount)
 
     def _settle_claim(
         self,

@@ -25,7 +25,7 @@ from models.code_claim import CodeClaimStatus
 from models.phone_job import PhoneJobStatus
 from worker.audit import AUDIT_ROW_COLUMNS
 
-__all__ = ["ClaimedAttempt", "PhoneFields", "claim_job_and_code", "record_phone_success"]
+__all__ = ["ClaimedAttempt", "PhoneFields", "RecordedSuccess", "claim_job_and_code", "record_phone_success"]
 
 _RUNNING = PhoneJobStatus.RUNNING.value
 _CLAIMABLE_SQL = f"'{PhoneJobStatus.QUEUED.value}', '{PhoneJobStatus.RETRYING.value}'"
@@ -33,26 +33,31 @@ _TERMINAL_SQL = f"'{PhoneJobStatus.SUCCEEDED.value}', '{PhoneJobStatus.FAILED.va
 _OPEN_CLAIM_SQL = f"'{CodeClaimStatus.PENDING.value}', '{CodeClaimStatus.EXCHANGING.value}'"
 
 # The job is recorded if the producer did not, and compare-and-set to running from a claimable
-# state (or from a running state whose claim is older than takeover_before). In the same
-# statement, a job that may go on (attempts left, code still alive) claims its code if no other
-# submission has: ON CONFLICT DO NOTHING leaves every other case to the caller's slow path.
+# state, from a running state whose claim is older than takeover_before, or from a running state
+# held by takeover_from (a runner known to be gone, worker.liveness). The claim names this runner
+# and writes the code's fingerprint under the workers' key. In the same statement, a job that may
+# go on (attempts left, code still alive) claims its code if no other submission has: ON CONFLICT
+# DO NOTHING leaves every other case to the caller's slow path.
 _CLAIM_JOB_AND_CODE = f"""
 WITH claimed_job AS (
     INSERT INTO phone_jobs AS job (
         job_id, appid, openid, code_fingerprint, status, attempts,
-        created_at, started_at, claimed_at, code_expires_at
+        created_at, started_at, claimed_at, claimed_by, code_expires_at
     )
     VALUES (
         %(job_id)s, %(appid)s, %(openid)s, %(fingerprint)s, '{_RUNNING}', 1,
-        %(now)s, %(now)s, %(now)s, %(code_expires_at)s
+        %(now)s, %(now)s, %(now)s, %(runner)s, %(code_expires_at)s
     )
     ON CONFLICT (job_id) DO UPDATE SET
         status = '{_RUNNING}',
         attempts = job.attempts + 1,
         started_at = coalesce(job.started_at, EXCLUDED.started_at),
-        claimed_at = EXCLUDED.claimed_at
+        claimed_at = EXCLUDED.claimed_at,
+        claimed_by = EXCLUDED.claimed_by,
+        code_fingerprint = EXCLUDED.code_fingerprint
     WHERE job.status IN ({_CLAIMABLE_SQL})
-       OR (job.status = '{_RUNNING}' AND job.claimed_at <= %(takeover_before)s)
+       OR (job.status = '{_RUNNING}'
+           AND (job.claimed_at <= %(takeover_before)s OR job.claimed_by = %(takeover_from)s))
     RETURNING job.attempts, job.code_expires_at
 ), claimed_code AS (
     INSERT INTO code_claims (appid, code_fingerprint, job_id, status)
@@ -85,13 +90,16 @@ def claim_job_and_code(
     fingerprint: str,
     now: datetime,
     code_expires_at: datetime,
+    runner: str,
     takeover_before: datetime,
+    takeover_from: str | None = None,
     max_attempts: int,
 ) -> ClaimedAttempt | None:
-    """Record and claim the job and, in the common case, its code. None: the job is not claimable
-    (terminal, or running elsewhere). ``code_claimed`` is False when the code was claimed before
-    (a repeat, or this job's own earlier attempt) or the job may not go on (too many attempts,
-    code expired): the caller decides those cases.
+    """Record and claim the job for ``runner`` and, in the common case, its code. None: the job
+    is not claimable (terminal, or running elsewhere: a running job is taken over only if its
+    claim is older than ``takeover_before`` or held by ``takeover_from``). ``code_claimed`` is
+    False when the code was claimed before (a repeat, or this job's own earlier attempt) or the
+    job may not go on (too many attempts, code expired): the caller decides those cases.
 
     ``connection`` must be in autocommit mode: the statement is its own transaction.
     """
@@ -104,7 +112,9 @@ def claim_job_and_code(
             "fingerprint": fingerprint,
             "now": now,
             "code_expires_at": code_expires_at,
+            "runner": runner,
             "takeover_before": takeover_before,
+            "takeover_from": takeover_from,
             "max_attempts": max_attempts,
         },
     ).one_or_none()
@@ -133,22 +143,33 @@ def _record_success_sql(audit_row_count: int) -> str:
         "(" + ", ".join(f"%(audit{index}_{column})s" for column in AUDIT_ROW_COLUMNS) + ")"
         for index in range(audit_row_count)
     )
-    # The user's phone fields, the job's final state, the code claim and the audit rows commit
-    # together: data-modifying CTEs all run, exactly once, whether or not the query reads them.
+    # Data-modifying CTEs all run, exactly once, whether or not the query reads them; each sees
+    # the snapshot from before the statement, so the user and the claim depend on finished_job
+    # only through its RETURNING rows:
+    # * the job becomes succeeded only if it is not terminal (the sweep, or another run's
+    #   failure, may have closed it);
+    # * the user's number changes only together with that transition, and only if no newer
+    #   verification is stored (ordered by the code's issue time, then the job's submission);
+    # * the code claim settles with the job; the audit rows are appended once per call.
     # A row's key version is that of its oldest ciphertext (worker.crypto.row_key_version): a
     # session_key under an older key keeps the row on `wxphone keys rotate`'s list.
     return f"""
-WITH saved_user AS (
+WITH finished_job AS (
+    UPDATE phone_jobs
+    SET status = '{PhoneJobStatus.SUCCEEDED.value}', error_code = NULL, finished_at = %(now)s
+    WHERE job_id = %(job_id)s AND status NOT IN ({_TERMINAL_SQL})
+    RETURNING created_at
+), saved_user AS (
     INSERT INTO users AS u (
         appid, openid, encryption_key_version, phone_number_encrypted,
         pure_phone_number_encrypted, phone_blind_index, phone_masked, country_code,
-        phone_verified_at
+        phone_verified_at, phone_code_issued_at, phone_job_created_at
     )
-    VALUES (
+    SELECT
         %(appid)s, %(openid)s, %(key_version)s, %(phone_number_encrypted)s,
         %(pure_phone_number_encrypted)s, %(phone_blind_index)s, %(phone_masked)s,
-        %(country_code)s, %(now)s
-    )
+        %(country_code)s, %(now)s, %(code_issued_at)s, finished_job.created_at
+    FROM finished_job
     ON CONFLICT (appid, openid) DO UPDATE SET
         phone_number_encrypted = EXCLUDED.phone_number_encrypted,
         pure_phone_number_encrypted = EXCLUDED.pure_phone_number_encrypted,
@@ -156,26 +177,39 @@ WITH saved_user AS (
         phone_masked = EXCLUDED.phone_masked,
         country_code = EXCLUDED.country_code,
         phone_verified_at = EXCLUDED.phone_verified_at,
+        phone_code_issued_at = EXCLUDED.phone_code_issued_at,
+        phone_job_created_at = EXCLUDED.phone_job_created_at,
         encryption_key_version = CASE
             WHEN u.session_key_encrypted IS NULL
               OR split_part(u.session_key_encrypted, ':', 1) = EXCLUDED.encryption_key_version
             THEN EXCLUDED.encryption_key_version
             ELSE u.encryption_key_version
         END
-), finished_job AS (
-    UPDATE phone_jobs
-    SET status = '{PhoneJobStatus.SUCCEEDED.value}', error_code = NULL, finished_at = %(now)s
-    WHERE job_id = %(job_id)s AND status NOT IN ({_TERMINAL_SQL})
+    WHERE (coalesce(u.phone_code_issued_at, '-infinity'), coalesce(u.phone_job_created_at, '-infinity'))
+       <= (EXCLUDED.phone_code_issued_at, EXCLUDED.phone_job_created_at)
+    RETURNING 1
 ), settled_claim AS (
     UPDATE code_claims
     SET status = '{CodeClaimStatus.SUCCEEDED.value}', error_code = NULL
     WHERE appid = %(appid)s AND code_fingerprint = %(fingerprint)s AND job_id = %(job_id)s
-      AND status IN ({_OPEN_CLAIM_SQL})
-)
-INSERT INTO exchange_audit ({", ".join(AUDIT_ROW_COLUMNS)})
-VALUES
+      AND status IN ({_OPEN_CLAIM_SQL}) AND EXISTS (SELECT FROM finished_job)
+), audit AS (
+    INSERT INTO exchange_audit ({", ".join(AUDIT_ROW_COLUMNS)})
+    VALUES
         {audit_values}
+    ON CONFLICT (call_id) DO NOTHING
+)
+SELECT EXISTS (SELECT FROM finished_job), EXISTS (SELECT FROM saved_user)
 """
+
+
+@dataclass(frozen=True)
+class RecordedSuccess:
+    """What the success statement changed: the job (this run closed it) and the user's number
+    (not when a newer verification was already stored)."""
+
+    job_finished: bool
+    number_stored: bool
 
 
 def record_phone_success(
@@ -186,11 +220,14 @@ def record_phone_success(
     openid: str,
     fingerprint: str,
     fields: PhoneFields,
+    code_issued_at: datetime,
     now: datetime,
     audit_rows: list[dict[str, object]],
-) -> None:
-    """Store the number on the user, mark the job and its code claim succeeded and append the
-    attempt's audit rows, in one statement (``connection`` in autocommit mode)."""
+) -> RecordedSuccess:
+    """Mark the job and its code claim succeeded, store the number on the user (unless a newer
+    verification is stored) and append the attempt's audit rows, in one statement
+    (``connection`` in autocommit mode). Nothing but the audit rows changes when the job is
+    already terminal."""
     if not audit_rows:
         raise ValueError("a successful exchange has at least one audit row")
     parameters: dict[str, Any] = {
@@ -199,6 +236,7 @@ def record_phone_success(
         "openid": openid,
         "fingerprint": fingerprint,
         "now": now,
+        "code_issued_at": code_issued_at,
         "key_version": fields.key_version,
         "phone_number_encrypted": fields.phone_number_encrypted,
         "pure_phone_number_encrypted": fields.pure_phone_number_encrypted,
@@ -209,4 +247,5 @@ def record_phone_success(
     for index, row in enumerate(audit_rows):
         for column in AUDIT_ROW_COLUMNS:
             parameters[f"audit{index}_{column}"] = row[column]
-    connection.exec_driver_sql(_record_success_sql(len(audit_rows)), parameters)
+    changed = connection.exec_driver_sql(_record_success_sql(len(audit_rows)), parameters).one()
+    return RecordedSuccess(job_finished=bool(changed[0]), number_stored=bool(changed[1]))

@@ -17,14 +17,19 @@ import logging
 import random
 from typing import Any
 
+import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded, WorkerLostError
+from celery.worker.request import Request
 from sqlalchemy.exc import DBAPIError
 
 from worker.app import app
+from worker.db import is_transient_database_error
 from worker.jobs.login import login_user
-from worker.jobs.phone import resolve_phone_job, utc_now
+from worker.jobs.phone import INVALID_JOB_ID_ERROR_CODE, resolve_phone_job, utc_now
 from worker.jobs.sweep import sweep_stuck_jobs as sweep_stuck
+from worker.jobs.validation import is_valid_task_id
+from worker.liveness import release_dead_runners
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -45,13 +50,27 @@ def _retry(task: Task, countdown: float) -> Exception:
     return retry
 
 
+class JobRequest(Request):  # type: ignore[misc]
+    """A task request that, in a prefork worker, releases the liveness lease of a pool child it
+    saw die mid-task (SIGKILL, OOM) before the message is requeued: the requeued run may then take
+    the job over at once instead of waiting for the dead child's lease to lapse."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        if isinstance(exc_info.exception, WorkerLostError) and self.worker_pid:
+            try:
+                release_dead_runners(get_runtime().redis, self.worker_pid)
+            except redis.RedisError:
+                log.warning("could not release a dead pool child's liveness lease; it lapses by itself")
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
 def _database_backoff(retries: int) -> float:
     """Backoff while PostgreSQL is unreachable (before any exchange), capped by the settings."""
     ceiling = get_runtime().settings.database_retry_max_seconds
     return min(ceiling, 2.0**retries) * random.uniform(0.5, 1.0)
 
 
-@app.task(name=RESOLVE_PHONE, bind=True, max_retries=None)
+@app.task(name=RESOLVE_PHONE, bind=True, max_retries=None, Request=JobRequest)
 def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Resolve one phone code into the user's phone number (job id = this task's id)."""
     runtime = get_runtime()
@@ -70,7 +89,9 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             client=runtime.wechat_client,
             policy=runtime.job_policy,
             gate=runtime.gate,
-            redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
+            lease=runtime.lease,
+            earlier_retries=self.request.retries,
+            interruptions=(SoftTimeLimitExceeded,),
             protection=runtime.protection,
             caller=None if args else kwargs.get("caller"),
         )
@@ -88,6 +109,10 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Exchange a wx.login code for openid/unionid and record the user."""
     runtime = get_runtime()
+    if not is_valid_task_id(self.request.id):
+        # The audit row of the call could never be written: refuse before the code is spent.
+        log.warning("login refused: its task id cannot be recorded")
+        return {"status": "failed", "error_code": INVALID_JOB_ID_ERROR_CODE}
     appid, js_code = (None, None) if args else (kwargs.get("appid"), kwargs.get("js_code"))
     try:
         outcome = login_user(
@@ -104,6 +129,13 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             caller=None if args else kwargs.get("caller"),
         )
     except DBAPIError as error:
+        if not is_transient_database_error(error):
+            log.error(
+                "login failed: PostgreSQL refused a statement (%s)",
+                type(error.orig).__name__,
+                extra={"task_id": self.request.id},
+            )
+            return {"status": "failed", "error_code": "database_rejected"}
         log.warning(
             "database error, login retries: %s", type(error).__name__, extra={"task_id": self.request.id}
         )

@@ -17,12 +17,14 @@ from worker.settings import APPID_PATTERN
 __all__ = [
     "MAX_CODE_LENGTH",
     "MAX_OPENID_LENGTH",
+    "MAX_TASK_ID_LENGTH",
     "AppNotConfiguredInputError",
     "InvalidInputError",
     "ValidatedLogin",
     "ValidatedPhoneJob",
     "code_fingerprint",
     "display_identifier",
+    "is_valid_task_id",
     "validate_login",
     "validate_phone_job",
 ]
@@ -108,6 +110,16 @@ def validate_login(*, appid: object, js_code: object, configured_appids: Collect
     """Validate ``login`` arguments, like :func:`validate_phone_job`."""
     checked_appid = _check_appid(appid, configured_appids)
     return ValidatedLogin(appid=checked_appid, js_code=_check_code(js_code, "js_code"))
+
+
+#: Job ids are Celery task ids (a UUID by default), stored in ``phone_jobs.job_id``.
+MAX_TASK_ID_LENGTH = 64
+
+
+def is_valid_task_id(task_id: object) -> bool:
+    """Whether a task id can be a job id: printable text of 1 to 64 characters (no NUL, which
+    PostgreSQL text cannot hold). A message with any other id can never be recorded."""
+    return isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_LENGTH and task_id.isprintable()
 
 
 def code_fingerprint(key: str, appid: str, code: str) -> str:

@@ -19,6 +19,7 @@ from worker.wechat.errors import (
     API_CODE_TO_SESSION,
     API_PHONE_NUMBER,
     API_STABLE_TOKEN,
+    WeChatInvalidReplyError,
     WeChatMalformedReplyError,
     WeChatReplyLostError,
     WeChatUnreachableError,
@@ -42,7 +43,14 @@ _CODE_TO_SESSION_PATH = "/sns/jscode2session"
 # str.isdigit() also accepts "²" and "--1" after lstrip, which int() then rejects with a bare
 # ValueError; these ASCII patterns keep every odd value on the malformed-reply path.
 _INTEGER_TEXT = re.compile(r"-?[0-9]+")
-_COUNTRY_CODE_TEXT = re.compile(r"\+?[0-9]+")
+_COUNTRY_CODE_TEXT = re.compile(r"\+?[0-9]{1,4}")
+#: What a phone number WeChat returns may look like: the national number (4-20 digits), and the
+#: number as shown to the user (digits with an optional leading + and separators, at most 32).
+_PURE_PHONE_NUMBER_TEXT = re.compile(r"[0-9]{4,20}")
+_PHONE_NUMBER_TEXT = re.compile(r"\+?[0-9][0-9 ()-]{2,30}")
+#: The range of watermark times accepted (2000-01-01 to 2100-01-01, Unix seconds).
+WATERMARK_EARLIEST = 946_684_800
+WATERMARK_LATEST = 4_102_444_800
 
 
 class WeChatClient:
@@ -233,25 +241,37 @@ def _parse_access_token(body: Mapping[str, Any], api: str) -> AccessToken:
 
 
 def _parse_phone_info(body: Mapping[str, Any]) -> PhoneInfo:
+    """The typed ``phone_info`` of a success reply; :class:`WeChatInvalidReplyError` when it is
+    missing or holds what no phone number is (WeChat has consumed the code by then)."""
     api = API_PHONE_NUMBER
     info = body.get("phone_info")
     if not isinstance(info, dict):
-        raise WeChatMalformedReplyError(api=api, detail="phone_info missing")
-    phone_number = _required_str(info, "phoneNumber", api)
-    pure_phone_number = _required_str(info, "purePhoneNumber", api)
+        raise WeChatInvalidReplyError(api=api, detail="phone_info missing")
+    phone_number = info.get("phoneNumber")
+    if not isinstance(phone_number, str) or not _PHONE_NUMBER_TEXT.fullmatch(phone_number):
+        raise WeChatInvalidReplyError(api=api, detail="phoneNumber missing or not a phone number")
+    pure_phone_number = info.get("purePhoneNumber")
+    if not isinstance(pure_phone_number, str) or not _PURE_PHONE_NUMBER_TEXT.fullmatch(pure_phone_number):
+        raise WeChatInvalidReplyError(api=api, detail="purePhoneNumber missing or not 4-20 digits")
     country_code = info.get("countryCode")
     # Documented as a string, shown as a bare number in the official sample: accept both.
     if isinstance(country_code, int) and not isinstance(country_code, bool):
         country_code = str(country_code)
     if not isinstance(country_code, str) or not _COUNTRY_CODE_TEXT.fullmatch(country_code):
-        raise WeChatMalformedReplyError(api=api, detail="countryCode missing or not numeric")
+        raise WeChatInvalidReplyError(api=api, detail="countryCode missing or not 1-4 digits")
     watermark = info.get("watermark")
     if not isinstance(watermark, dict):
-        raise WeChatMalformedReplyError(api=api, detail="watermark missing")
-    watermark_appid = _required_str(watermark, "appid", api)
+        raise WeChatInvalidReplyError(api=api, detail="watermark missing")
+    watermark_appid = watermark.get("appid")
+    if not isinstance(watermark_appid, str) or not watermark_appid:
+        raise WeChatInvalidReplyError(api=api, detail="watermark appid missing")
     timestamp = watermark.get("timestamp")
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
-        raise WeChatMalformedReplyError(api=api, detail="watermark timestamp missing")
+    if (
+        not isinstance(timestamp, int)
+        or isinstance(timestamp, bool)
+        or not WATERMARK_EARLIEST <= timestamp <= WATERMARK_LATEST
+    ):
+        raise WeChatInvalidReplyError(api=api, detail="watermark timestamp missing or out of range")
     return PhoneInfo(
         phone_number=phone_number,
         pure_phone_number=pure_phone_number,

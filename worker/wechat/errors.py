@@ -10,6 +10,8 @@ Every class also inherits one of the four reactions in :mod:`worker.errors`::
     │   └── WeChatReplyLostError               request may have been processed (read timeout,
     │       │                                  dropped connection, HTTP 5xx)
     │       └── WeChatMalformedReplyError      HTTP 200 with a body that is not a valid reply
+    ├── WeChatInvalidReplyError      a success reply whose phone_info is missing or unusable
+    │                                (the code is spent: retrying only gets 40029)  RequestRejectedError
     ├── WeChatTokenRejectedError     40001/40014/42001 on business calls   TokenInvalidError
     ├── WeChatInvalidCodeError       40029     RequestRejectedError
     ├── WeChatHighRiskUserError      40226     RequestRejectedError
@@ -42,6 +44,7 @@ __all__ = [
     "WeChatError",
     "WeChatHighRiskUserError",
     "WeChatInvalidCodeError",
+    "WeChatInvalidReplyError",
     "WeChatMalformedReplyError",
     "WeChatQuotaExhaustedError",
     "WeChatRateLimitedError",
@@ -142,6 +145,16 @@ class WeChatMalformedReplyError(WeChatReplyLostError):
     """A reply arrived but is not valid JSON of the documented shape."""
 
     label = "malformed reply"
+
+
+class WeChatInvalidReplyError(WeChatError, RequestRejectedError):
+    """WeChat answered a phone call with success but its ``phone_info`` is missing, mistyped or
+    out of range (a number too long to be one, a country code of more than 4 digits, a watermark
+    time outside 2000-2100). WeChat has consumed the code by then, so a retry could only get 40029:
+    the job fails ``invalid_reply`` at once."""
+
+    label = "unusable phone_info"
+    error_code = "invalid_reply"
 
 
 class WeChatTokenRejectedError(WeChatError, TokenInvalidError):
