@@ -68,7 +68,6 @@ Round = Callable[[int], tuple[float, float]]
 
 def _wxphone_round(admin: SandboxAdmin, database_url: str, redis_url: str) -> Round:
     from worker.jobs.phone import record_submission, resolve_phone_job
-    from worker.jobs.validation import code_fingerprint
     from worker.runtime import Runtime
     from worker.settings import Settings
 
@@ -89,13 +88,13 @@ def _wxphone_round(admin: SandboxAdmin, database_url: str, redis_url: str) -> Ro
         job_ids = [str(uuid.uuid4()) for _ in codes]
         openids = [f"ohotpath{index:06d}{job_id[:8]}" for index, job_id in enumerate(job_ids)]
         with runtime.sessions.begin() as session:  # the producer's rows, not measured
-            for job_id, openid, code in zip(job_ids, openids, codes, strict=True):
+            for job_id, openid in zip(job_ids, openids, strict=True):
                 record_submission(
                     session,
                     job_id=job_id,
                     appid=APPID,
                     openid=openid,
-                    fingerprint=code_fingerprint(FINGERPRINT_KEY, APPID, code),
+                    fingerprint=None,  # front ends leave it to the worker
                     now=datetime.now(UTC),
                     code_lifetime_seconds=300.0,
                 )
@@ -113,6 +112,7 @@ def _wxphone_round(admin: SandboxAdmin, database_url: str, redis_url: str) -> Ro
                 client=runtime.wechat_client,
                 policy=runtime.job_policy,
                 gate=runtime.gate,
+                lease=runtime.lease,
                 protection=runtime.protection,
             )
             spent += time.process_time() - began

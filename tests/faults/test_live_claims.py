@@ -70,7 +70,7 @@ def _queued_message(broker_url: str) -> str:
     """The one message waiting in the job queue, as kombu stored it."""
     with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
         [raw] = client.lrange(JOB_QUEUE, 0, -1)
-    return raw.decode()
+    return bytes(raw).decode()
 
 
 def _redeliver(broker_url: str, raw_message: str) -> None:
