@@ -402,11 +402,15 @@ class _JobRun:
                         .values(status=CodeClaimStatus.FAILED.value, error_code=error_code)
                     )
                 self._write_audit(session)
-            return self._stored_outcome()
+            with Session(self.engine) as session:
+                job = session.get(PhoneJob, self.job_id)
         except DBAPIError as error:
             if is_transient_database_error(error):
                 raise
+            job = None
+        if job is None:  # PostgreSQL refused even to record the job
             return JobOutcome(self.job_id, "failed", error_code)
+        return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
 
     def release_after_interruption(self) -> JobOutcome:
         """A time limit struck outside the exchange and the number's write: let the job run again.
