@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
 
-from worker.db import check_schema_at_head
+from worker.db import SchemaNotAtHeadError, check_schema_at_head
 from worker.keychecks import verify_shared_key
 from worker.logs import configure_logging
 from worker.runtime import current_runtime, get_runtime, reset_runtime
-from worker.settings import get_settings
+from worker.settings import SettingsError, get_settings
+
+log = logging.getLogger(__name__)
 
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
@@ -43,10 +46,15 @@ def _give_up_liveness_lease(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _refuse_outdated_schema_or_foreign_keys(**_: Any) -> None:
-    # Raising here stops the worker before it consumes anything, with the message naming the
-    # command to run (``wxphone db upgrade``) or the variable whose key differs from the fleet's.
+    # The worker stops before it consumes anything, with the message naming the command to run
+    # (``wxphone db upgrade``) or the variable whose key differs from the fleet's. Celery logs and
+    # swallows an Exception raised by a signal handler, so the refusal is a SystemExit.
     runtime = get_runtime()
-    check_schema_at_head(runtime.engine)
-    settings = runtime.settings
-    verify_shared_key(runtime.engine, "fingerprint_key", settings.fingerprint_key, record=True)
-    verify_shared_key(runtime.engine, "blind_index_key", settings.field_blind_index_key(), record=True)
+    try:
+        check_schema_at_head(runtime.engine)
+        settings = runtime.settings
+        verify_shared_key(runtime.engine, "fingerprint_key", settings.fingerprint_key, record=True)
+        verify_shared_key(runtime.engine, "blind_index_key", settings.field_blind_index_key(), record=True)
+    except (SchemaNotAtHeadError, SettingsError) as refusal:
+        log.critical("worker refuses to start: %s", refusal)
+        raise SystemExit(1) from None

@@ -57,11 +57,16 @@ class Pipeline:
         return base_environment(**self.settings)
 
     def start_worker(self, name: str = "w1", *, concurrency: int = 2, **options: Any) -> ManagedProcess:
+        process = self.start_worker_process(name, concurrency=concurrency, **options)
+        process.wait_for_output("ready.", timeout_seconds=60)
+        return process
+
+    def start_worker_process(self, name: str, *, concurrency: int = 2, **options: Any) -> ManagedProcess:
+        """Start a worker without waiting for it to be ready (it may be meant to refuse)."""
         process = worker_process(
             self.env, self.log_dir, name=name, concurrency=concurrency, **options
         ).start()
         self.processes.append(process)
-        process.wait_for_output("ready.", timeout_seconds=60)
         return process
 
     def start_beat(self, name: str = "beat") -> ManagedProcess:

@@ -66,6 +66,11 @@ class ManagedProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait(self, *, timeout: float) -> int:
+        """Wait for the process to exit (bounded); its exit status."""
+        assert self.process is not None, f"{self.name} was never started"
+        return self.process.wait(timeout=timeout)
+
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
