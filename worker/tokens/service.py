@@ -10,10 +10,20 @@
   drop the token only if it is still the one that failed, refresh once, retry once. Never more.
 * Stable mode never forces a refresh on an automatic path. Only :meth:`TokenService.refresh` with
   ``force=True`` (an operator command) does, within WeChat's daily budget and 30 s spacing.
+* A failed fetch is recorded for the fleet before the lease is released, so waiting processes and
+  retrying jobs do not fetch again: a transient failure (-1, 45011, a timeout) sets a backoff in
+  Redis (1 s, doubling per failure in a row, at most 60 s) during which every reader fails at once
+  with :class:`TokenFetchBackoffError`; a configuration error (wrong AppSecret, IP whitelist, an
+  HTTP 4xx) raises one operator alert and stops fetches with these credentials for 10 minutes or
+  until the configuration changes or ``wxphone token clear-error``; a 45009 opens the token API's
+  circuit until midnight Beijing time. At most one token call per app per backoff interval.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import random
 import time
@@ -21,17 +31,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from worker.errors import TokenInvalidError
+from worker.errors import RetryLaterError, TokenInvalidError, WxphoneError
+from worker.limits import API_TOKEN, CallGate, seconds_to_window_end
 from worker.logs import register_secret
 from worker.settings import AppCredentials, TokenMode
 from worker.tokens.errors import (
     AppNotConfiguredError,
     ForceRefreshRefusedError,
+    TokenConfigurationError,
+    TokenFetchBackoffError,
+    TokenQuotaExhaustedError,
     TokenRejectedAfterRefreshError,
+    TokenStoreUnavailableError,
     TokenWaitTimeoutError,
 )
 from worker.tokens.store import CachedToken, TokenStore
 from worker.wechat.client import WeChatClient
+from worker.wechat.errors import (
+    WeChatConfigurationError,
+    WeChatHttpStatusError,
+    WeChatQuotaExhaustedError,
+    WeChatRateLimitedError,
+)
 from worker.wechat.types import AccessToken
 
 __all__ = ["RefreshOutcome", "TokenService"]
@@ -45,6 +66,23 @@ FORCE_REFRESH_DAILY_LIMIT = 20
 FORCE_REFRESH_SPACING_SECONDS = 30
 #: How often a process waiting for another's refresh looks again.
 WAIT_POLL_SECONDS = 0.05
+#: After a failed token fetch no process fetches for this app for a backoff shared in Redis:
+#: 1 s, doubled per failure in a row, at most 60 s. A day-long outage costs at most 1,440 token
+#: calls per app, whatever the fleet's size: under the strictest documented token quota (classic,
+#: 2,000 a day) even if failed calls count; the end of an outage is seen within a minute.
+FETCH_BACKOFF_BASE_SECONDS = 1.0
+FETCH_BACKOFF_MAX_SECONDS = 60.0
+#: The count of failures in a row is forgotten this long after the last one.
+FETCH_FAILURE_MEMORY_SECONDS = 600.0
+#: WeChat's minute: a 45011 from the token endpoint holds fetches until the minute ends.
+RATE_LIMIT_WINDOW_SECONDS = 60.0
+#: A configuration error stops fetches with the same credentials for this long, then one fetch
+#: tries again: some fixes happen at WeChat, not here (an IP whitelist, an unfrozen AppSecret, an
+#: admin confirming an IP), and the next failure raises the alert again.
+CONFIG_ERROR_RETRY_SECONDS = 600.0
+#: A business call's configuration error (an HTTP 4xx, 40013, ...) is alerted once per app, API
+#: and error in this time, fleet-wide; every job meeting it still fails at once.
+BUSINESS_ALERT_REPEAT_SECONDS = 600.0
 
 RefreshStatus = Literal["refreshed", "fresh", "busy"]
 
@@ -75,6 +113,10 @@ class TokenService:
         lease_seconds: float = 60.0,
         wait_seconds: float = 15.0,
         local_reuse_seconds: float = 0.0,
+        gate: CallGate | None = None,
+        fetch_backoff_base_seconds: float = FETCH_BACKOFF_BASE_SECONDS,
+        fetch_backoff_max_seconds: float = FETCH_BACKOFF_MAX_SECONDS,
+        config_error_retry_seconds: float = CONFIG_ERROR_RETRY_SECONDS,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -85,6 +127,11 @@ class TokenService:
         self.refresh_fraction = refresh_fraction
         self.lease_seconds = lease_seconds
         self.wait_seconds = wait_seconds
+        #: Where the token API's 45009 circuit lives (None: a 45009 only backs off).
+        self.gate = gate
+        self.fetch_backoff_base_seconds = fetch_backoff_base_seconds
+        self.fetch_backoff_max_seconds = fetch_backoff_max_seconds
+        self.config_error_retry_seconds = config_error_retry_seconds
         self._clock = clock
         self._sleep = sleep
         self._redacted_fences: dict[str, int] = {}
@@ -132,9 +179,15 @@ class TokenService:
             self._local.pop(appid, None)
             dropped = self.store.delete_if_current(appid, token.value)
             log.warning("access token rejected by WeChat", extra={"appid": appid, "dropped": dropped})
+        except WeChatConfigurationError as error:
+            self._alert_business_configuration_error(appid, error)
+            raise
         fresh = self.get_token(appid, reuse=False)
         try:
             return call(fresh.value)
+        except WeChatConfigurationError as error:
+            self._alert_business_configuration_error(appid, error)
+            raise
         except TokenInvalidError:
             # A token we just refreshed is rejected too: another system is fetching tokens for
             # this app, or the token belongs elsewhere. Looping would only burn the quota.
@@ -159,6 +212,7 @@ class TokenService:
             current = self.store.read(appid)
             if current is not None and not current.is_refresh_due(self._clock()):
                 return RefreshOutcome(appid, "fresh", current.expires_at)
+            self._raise_if_fetch_blocked(self._credentials(appid))
             written = self._fetch_and_write(appid, fence=fence, force=False)
         self._local.pop(appid, None)
         return RefreshOutcome(
@@ -189,6 +243,11 @@ class TokenService:
         self._local.pop(appid, None)
         return self._refresh_single_flight(appid, needed=lambda token: True, force=use_force)
 
+    def clear_fetch_errors(self, appid: str) -> bool:
+        """Operator action: forget a recorded configuration error and the backoff of ``appid``."""
+        self._credentials(appid)
+        return self.store.clear_fetch_errors(appid)
+
     def invalidate(self, appid: str, failed_value: str) -> bool:
         """Drop the stored token if it is still ``failed_value``."""
         self._local.pop(appid, None)
@@ -211,7 +270,12 @@ class TokenService:
     def _refresh_single_flight(
         self, appid: str, *, needed: Callable[[CachedToken], bool], force: bool = False
     ) -> CachedToken:
-        """Refresh under the lease, or wait for whoever holds it; bounded by ``wait_seconds``."""
+        """Refresh under the lease, or wait for whoever holds it; bounded by ``wait_seconds``.
+
+        A failure the lease holder recorded (a backoff, a configuration error, the token circuit)
+        ends the wait at once, without a fetch of our own.
+        """
+        credentials = self._credentials(appid)
         deadline = time.monotonic() + self.wait_seconds
         first_seen = self.store.read(appid)
         first_fence = first_seen.fence if first_seen else None
@@ -231,19 +295,32 @@ class TokenService:
                     current = self.store.read(appid)  # double-check under the lease
                     if current is not None and settled(current):
                         return current
+                    # Under the lease, so no other process is fetching or recording a failure.
+                    self._raise_if_fetch_blocked(credentials)
                     written = self._fetch_and_write(appid, fence=fence, force=force)
                     if written is not None:
                         return written
             current = self.store.read(appid)
             if current is not None and settled(current):
                 return current
+            self._raise_if_fetch_blocked(credentials)
             if time.monotonic() >= deadline:
                 raise TokenWaitTimeoutError(f"{appid}: no access token within {self.wait_seconds:.0f}s")
             self._sleep(WAIT_POLL_SECONDS * (1 + random.random()))
 
     def _fetch_and_write(self, appid: str, *, fence: int, force: bool) -> CachedToken | None:
+        """One fetch under the lease; a failure is recorded for the fleet and raised."""
         credentials = self._credentials(appid)
-        token = self._fetch(credentials, force=force)
+        try:
+            token = self._fetch(credentials, force=force)
+        except WxphoneError as error:
+            failure = self._record_fetch_failure(credentials, error)
+            if failure is error:
+                raise
+            raise failure from error
+        return self._write(appid, token, fence=fence)
+
+    def _write(self, appid: str, token: AccessToken, *, fence: int) -> CachedToken | None:
         register_secret(token.value)
         written = self.store.write(appid, token, fence=fence, refresh_fraction=self.refresh_fraction)
         if written is None:
@@ -261,3 +338,172 @@ class TokenService:
         return self.client.fetch_stable_token(
             appid=credentials.appid, secret=credentials.secret, force_refresh=force
         )
+
+    # -- failed fetches -----------------------------------------------------------------------
+
+    def _raise_if_fetch_blocked(self, credentials: AppCredentials) -> None:
+        """Raise what holds back a token fetch of this app, if anything; no call to WeChat."""
+        appid = credentials.appid
+        block = self.store.fetch_block(appid)
+        record = block.configuration_error
+        if record is not None and hmac.compare_digest(
+            record.credentials, self._credentials_digest(credentials)
+        ):
+            raise TokenConfigurationError(
+                f"{appid}: no token is fetched after a configuration error ({record.detail}); fetching "
+                f"resumes when the AppSecret, API base URL or token mode changes, in "
+                f"{record.expires_in_seconds:.0f}s, or with `wxphone token clear-error {appid}`"
+            )
+        if self.gate is not None:
+            open_seconds = self.gate.circuit_open_seconds(appid, API_TOKEN)
+            if open_seconds > 0:
+                raise TokenQuotaExhaustedError(
+                    f"{appid}: the token API's daily quota is exhausted (45009); no token is fetched until "
+                    f"midnight Beijing time or `wxphone limits close-circuit --appid {appid} --api token`"
+                )
+        if block.backoff_seconds > 0:
+            raise TokenFetchBackoffError(
+                f"{appid}: no token call for {block.backoff_seconds:.1f}s after a failed fetch "
+                f"({block.backoff_reason})",
+                retry_in_seconds=block.backoff_seconds,
+            )
+
+    def _record_fetch_failure(self, credentials: AppCredentials, error: WxphoneError) -> WxphoneError:
+        """Record a failed fetch for the fleet; return the error to raise.
+
+        Runs under the lease, so the record is in Redis before any other process may fetch.
+        """
+        appid = credentials.appid
+        if isinstance(error, WeChatQuotaExhaustedError):
+            return self._open_token_circuit(credentials, error)
+        if isinstance(error, WeChatConfigurationError):
+            self._record_configuration_error(credentials, error)
+            return error
+        retry_in = self._back_off(appid, error)
+        if isinstance(error, RetryLaterError):
+            return TokenFetchBackoffError(
+                f"{appid}: token fetch failed ({error}); no token call for {retry_in:.1f}s",
+                retry_in_seconds=retry_in,
+            )
+        return error  # an unknown errcode: this job fails; the backoff spares the others' quota
+
+    def _back_off(self, appid: str, error: WxphoneError) -> float:
+        minimum = 0.0
+        if isinstance(error, WeChatRateLimitedError):
+            # 45011: this minute's calls are used up; the next one starts a new minute.
+            minimum = seconds_to_window_end(RATE_LIMIT_WINDOW_SECONDS, time.time())
+        failures, delay = self.store.record_fetch_failure(
+            appid,
+            base_seconds=self.fetch_backoff_base_seconds,
+            max_seconds=self.fetch_backoff_max_seconds,
+            min_seconds=minimum,
+            memory_seconds=FETCH_FAILURE_MEMORY_SECONDS,
+            reason=str(error),
+        )
+        log.warning(
+            "token fetch failed (%s); no token call for %.1fs (%d failed in a row)",
+            error,
+            delay,
+            failures,
+            extra={"appid": appid},
+        )
+        return delay
+
+    def _record_configuration_error(
+        self, credentials: AppCredentials, error: WeChatConfigurationError
+    ) -> None:
+        appid = credentials.appid
+        try:
+            new = self.store.record_configuration_error(
+                appid,
+                credentials=self._credentials_digest(credentials),
+                api=error.api,
+                error_code=error.error_code,
+                detail=str(error),
+                retry_seconds=self.config_error_retry_seconds,
+            )
+        except TokenStoreUnavailableError:
+            new = True  # one alert too many rather than none
+        if new:
+            hint = (
+                "check WXPHONE_WECHAT_API_BASE and any gateway or proxy on the way"
+                if isinstance(error, WeChatHttpStatusError)
+                else "check the AppSecret in WXPHONE_APPS, the API IP whitelist and the account at WeChat"
+            )
+            log.error(
+                "OPERATOR ALERT: %s: WeChat's %s API refused the token fetch: %s. No token is fetched "
+                "for this app until the AppSecret, API base URL or token mode changes, for %.0f minutes, "
+                "or until `wxphone token clear-error %s`; jobs fail wechat_config_error once no valid "
+                "token is stored (%s)",
+                appid,
+                error.api,
+                error,
+                self.config_error_retry_seconds / 60,
+                appid,
+                hint,
+                extra={"appid": appid},
+            )
+
+    def _open_token_circuit(
+        self, credentials: AppCredentials, error: WeChatQuotaExhaustedError
+    ) -> WxphoneError:
+        appid = credentials.appid
+        if self.gate is None:
+            self._back_off(appid, error)
+            opened = True
+        else:
+            try:
+                opened = self.gate.open_circuit(appid, API_TOKEN)
+            except RetryLaterError:
+                opened = True  # the limits store is down: alert anyway
+        if opened:
+            # One alert per opening, however many processes and jobs meet the circuit.
+            log.error(
+                "OPERATOR ALERT: WeChat's daily quota of the token API (%s, 45009) is exhausted for %s; "
+                "no token is fetched until midnight Beijing time or `wxphone limits close-circuit "
+                "--appid %s --api token` (after clear_quota); jobs fail quota_exhausted once no valid "
+                "token is stored",
+                error.api,
+                appid,
+                appid,
+                extra={"appid": appid},
+            )
+        return TokenQuotaExhaustedError(f"{appid}: the token API's daily quota is exhausted (45009)")
+
+    def _alert_business_configuration_error(self, appid: str, error: WeChatConfigurationError) -> None:
+        """One operator alert per app, API and error per ``BUSINESS_ALERT_REPEAT_SECONDS``, fleet-wide."""
+        what = f"http{error.http_status}" if error.http_status is not None else f"errcode{error.errcode}"
+        try:
+            first = self.store.claim_alert(
+                appid, f"{error.api}:{what}", repeat_seconds=BUSINESS_ALERT_REPEAT_SECONDS
+            )
+        except TokenStoreUnavailableError:
+            first = True
+        if first:
+            hint = (
+                "check WXPHONE_WECHAT_API_BASE and any gateway or proxy on the way"
+                if isinstance(error, WeChatHttpStatusError)
+                else "check the app's settings at WeChat"
+            )
+            log.error(
+                "OPERATOR ALERT: %s: %s: a configuration error; every such call fails at once until it "
+                "is fixed (%s). Not repeated for %.0f minutes",
+                appid,
+                error,
+                hint,
+                BUSINESS_ALERT_REPEAT_SECONDS / 60,
+                extra={"appid": appid},
+            )
+
+    def _credentials_digest(self, credentials: AppCredentials) -> str:
+        """A keyed hash (HMAC-SHA256, keyed with the AppSecret) of what a token fetch depends on.
+
+        Every process with the same configuration computes the same value, a process with another
+        AppSecret, base URL, proxy or token mode a different one; the value reveals nothing of
+        the secret.
+        """
+        proxies = sorted((str(key), str(value)) for key, value in (self.client.session.proxies or {}).items())
+        material = json.dumps(
+            ["wxphone-token-fetch", credentials.appid, self.mode, self.client.base_url, proxies]
+        )
+        return hmac.new(credentials.secret.encode(), material.encode(), hashlib.sha256).hexdigest()
