@@ -10,6 +10,7 @@ import click
 from worker.errors import WxphoneError
 from worker.limits import API_TOKEN
 from worker.runtime import get_runtime
+from worker.tokens.errors import ForceRefreshFailedError, ForceRefreshRefusedError
 from worker.tokens.store import CachedToken, FetchBlock
 
 
@@ -121,17 +122,27 @@ def show_command(appid: str | None, as_json: bool) -> None:
     help="Stable mode: revoke the current token (for a leak); limited to 20 a day, 30 s apart.",
 )
 def refresh_command(appid: str | None, force: bool) -> None:
-    """Fetch a new token now (operator command)."""
+    """Fetch a new token now (operator command).
+
+    With ``--force`` the command makes the forced call itself (waiting for a refresh in progress)
+    or exits 1 saying it did not force.
+    """
     runtime = get_runtime()
     failed = False
     for each in _selected_apps(appid):
         try:
             token = runtime.token_service.refresh(each, force=force)
-        except WxphoneError as error:
-            click.echo(f"{each}  refresh failed: {error}", err=True)
+        except (ForceRefreshFailedError, ForceRefreshRefusedError) as error:
+            click.echo(f"{each}  {error}", err=True)  # says whether a token was forced
             failed = True
             continue
-        click.echo(f"{each}  token={token.masked}  expires_in={token.expires_in}s")
+        except WxphoneError as error:
+            # Raised before any call to WeChat (token store, a recorded fetch error, ...).
+            click.echo(f"{each}  {'not forced' if force else 'refresh failed'}: {error}", err=True)
+            failed = True
+            continue
+        forced = "forced  " if force else ""
+        click.echo(f"{each}  {forced}token={token.masked}  expires_in={token.expires_in}s")
     if failed:
         raise SystemExit(1)
 

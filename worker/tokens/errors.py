@@ -6,6 +6,7 @@ from worker.errors import OperatorActionRequiredError, RequestRejectedError, Ret
 
 __all__ = [
     "AppNotConfiguredError",
+    "ForceRefreshFailedError",
     "ForceRefreshRefusedError",
     "TokenConfigurationError",
     "TokenFetchBackoffError",
@@ -83,3 +84,10 @@ class ForceRefreshRefusedError(OperatorActionRequiredError):
     """A stable-token force refresh would exceed WeChat's daily budget or spacing."""
 
     error_code = "force_refresh_refused"
+
+
+class ForceRefreshFailedError(OperatorActionRequiredError):
+    """A force refresh did not end with a token WeChat issued for it: the message says whether a
+    token was forced (and what the budget counted)."""
+
+    error_code = "force_refresh_failed"

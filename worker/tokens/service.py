@@ -9,7 +9,9 @@
 * A business call that reports the token invalid goes through :meth:`TokenService.call_with_token`:
   drop the token only if it is still the one that failed, refresh once, retry once. Never more.
 * Stable mode never forces a refresh on an automatic path. Only :meth:`TokenService.refresh` with
-  ``force=True`` (an operator command) does, within WeChat's daily budget and 30 s spacing.
+  ``force=True`` (an operator command) does, within WeChat's daily budget (counted per Beijing
+  day) and 30 s spacing. The forced call is made by that command under the lease, or the command
+  fails saying it did not force; the budget counts only calls that may have forced.
 * A failed fetch is recorded for the fleet before the lease is released, so waiting processes and
   retrying jobs do not fetch again: a transient failure (-1, 45011, a timeout) sets a backoff in
   Redis (1 s, doubling per failure in a row, at most 60 s) during which every reader fails at once
@@ -28,6 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -37,6 +40,7 @@ from worker.logs import register_secret
 from worker.settings import AppCredentials, TokenMode
 from worker.tokens.errors import (
     AppNotConfiguredError,
+    ForceRefreshFailedError,
     ForceRefreshRefusedError,
     TokenConfigurationError,
     TokenFetchBackoffError,
@@ -49,9 +53,11 @@ from worker.tokens.store import CachedToken, TokenStore
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import (
     WeChatConfigurationError,
+    WeChatError,
     WeChatHttpStatusError,
     WeChatQuotaExhaustedError,
     WeChatRateLimitedError,
+    WeChatTransportError,
 )
 from worker.wechat.types import AccessToken
 
@@ -213,7 +219,7 @@ class TokenService:
             if current is not None and not current.is_refresh_due(self._clock()):
                 return RefreshOutcome(appid, "fresh", current.expires_at)
             self._raise_if_fetch_blocked(self._credentials(appid))
-            written = self._fetch_and_write(appid, fence=fence, force=False)
+            written = self._fetch_and_write(appid, fence=fence)
         self._local.pop(appid, None)
         return RefreshOutcome(
             appid, "refreshed" if written else "busy", written.expires_at if written else None
@@ -222,26 +228,19 @@ class TokenService:
     def refresh(self, appid: str, *, force: bool = False) -> CachedToken:
         """The operator path: fetch a new token now.
 
-        In stable mode ``force=True`` asks WeChat to revoke the current token (for a leak), and is
-        refused beyond WeChat's daily budget or within 30 s of the previous force refresh; without
-        it, stable mode fetches in normal mode. In classic mode every fetch issues a new token.
+        Without ``force`` the result may come from a refresh another process completed meanwhile
+        (it is as new as ours would be). With ``force`` this call makes the fetch itself, under the
+        lease (waiting up to ``wait_seconds`` for it), or raises :class:`ForceRefreshFailedError`
+        saying it did not force. In stable mode that fetch sets ``force_refresh`` so WeChat revokes
+        the current token (for a leak): refused beyond WeChat's daily budget (counted per Beijing
+        day) or within 30 s of the previous force refresh, and counted only when WeChat may have
+        performed it. In classic mode every fetch issues a new token anyway.
         """
-        self._credentials(appid)
-        use_force = force and self.mode == "stable"
-        if use_force:
-            used = self.store.spend_force_refresh(
-                appid, daily_limit=FORCE_REFRESH_DAILY_LIMIT, spacing_seconds=FORCE_REFRESH_SPACING_SECONDS
-            )
-            if used == -1:
-                raise ForceRefreshRefusedError(
-                    f"{appid}: the previous force refresh was less than {FORCE_REFRESH_SPACING_SECONDS}s ago"
-                )
-            if used == -2:
-                raise ForceRefreshRefusedError(
-                    f"{appid}: all {FORCE_REFRESH_DAILY_LIMIT} force refreshes of today are used"
-                )
+        credentials = self._credentials(appid)
         self._local.pop(appid, None)
-        return self._refresh_single_flight(appid, needed=lambda token: True, force=use_force)
+        if force:
+            return self._force_refresh(credentials)
+        return self._refresh_single_flight(appid, needed=lambda token: True)
 
     def clear_fetch_errors(self, appid: str) -> bool:
         """Operator action: forget a recorded configuration error and the backoff of ``appid``."""
@@ -267,9 +266,7 @@ class TokenService:
         except KeyError:
             raise AppNotConfiguredError(f"appid {appid} is not configured") from None
 
-    def _refresh_single_flight(
-        self, appid: str, *, needed: Callable[[CachedToken], bool], force: bool = False
-    ) -> CachedToken:
+    def _refresh_single_flight(self, appid: str, *, needed: Callable[[CachedToken], bool]) -> CachedToken:
         """Refresh under the lease, or wait for whoever holds it; bounded by ``wait_seconds``.
 
         A failure the lease holder recorded (a backoff, a configuration error, the token circuit)
@@ -297,7 +294,7 @@ class TokenService:
                         return current
                     # Under the lease, so no other process is fetching or recording a failure.
                     self._raise_if_fetch_blocked(credentials)
-                    written = self._fetch_and_write(appid, fence=fence, force=force)
+                    written = self._fetch_and_write(appid, fence=fence)
                     if written is not None:
                         return written
             current = self.store.read(appid)
@@ -308,11 +305,11 @@ class TokenService:
                 raise TokenWaitTimeoutError(f"{appid}: no access token within {self.wait_seconds:.0f}s")
             self._sleep(WAIT_POLL_SECONDS * (1 + random.random()))
 
-    def _fetch_and_write(self, appid: str, *, fence: int, force: bool) -> CachedToken | None:
-        """One fetch under the lease; a failure is recorded for the fleet and raised."""
+    def _fetch_and_write(self, appid: str, *, fence: int) -> CachedToken | None:
+        """One normal-mode fetch under the lease; a failure is recorded for the fleet and raised."""
         credentials = self._credentials(appid)
         try:
-            token = self._fetch(credentials, force=force)
+            token = self._fetch(credentials, force=False)
         except WxphoneError as error:
             failure = self._record_fetch_failure(credentials, error)
             if failure is error:
@@ -369,7 +366,7 @@ class TokenService:
             )
 
     def _record_fetch_failure(self, credentials: AppCredentials, error: WxphoneError) -> WxphoneError:
-        """Record a failed fetch for the fleet; return the error to raise.
+        """Record a failed normal-mode fetch for the fleet; return the error to raise.
 
         Runs under the lease, so the record is in Redis before any other process may fetch.
         """
@@ -507,3 +504,142 @@ class TokenService:
             ["wxphone-token-fetch", credentials.appid, self.mode, self.client.base_url, proxies]
         )
         return hmac.new(credentials.secret.encode(), material.encode(), hashlib.sha256).hexdigest()
+
+    # -- forced refresh -----------------------------------------------------------------------
+
+    def _force_refresh(self, credentials: AppCredentials) -> CachedToken:
+        """Make the forced fetch under the lease, or say that it was not made.
+
+        Every error raised here says whether a token was forced: :class:`ForceRefreshRefusedError`
+        and :class:`ForceRefreshFailedError` in their message; any other error was raised before a
+        call to WeChat (nothing forced, nothing counted).
+        """
+        appid = credentials.appid
+        if self.mode == "stable":
+            self._check_force_budget(appid)  # refuse at once, spending nothing
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            with self.store.lease(appid, lease_seconds=self.lease_seconds) as fence:
+                if fence:
+                    self._raise_if_fetch_blocked(credentials)
+                    if self.mode == "stable":
+                        return self._forced_stable_fetch(credentials, fence=fence)
+                    return self._forced_classic_fetch(credentials, fence=fence)
+            if time.monotonic() >= deadline:
+                raise ForceRefreshFailedError(
+                    f"{appid}: not forced: another refresh held the lease for {self.wait_seconds:.0f}s; "
+                    "no force refresh was made or counted, try again"
+                )
+            self._sleep(WAIT_POLL_SECONDS * (1 + random.random()))
+
+    def _check_force_budget(self, appid: str) -> None:
+        budget = self.store.force_budget(appid)
+        if budget.spacing_active:
+            raise ForceRefreshRefusedError(
+                f"{appid}: not forced: the previous force refresh was less than "
+                f"{FORCE_REFRESH_SPACING_SECONDS}s ago"
+            )
+        if budget.used_today >= FORCE_REFRESH_DAILY_LIMIT:
+            raise ForceRefreshRefusedError(
+                f"{appid}: not forced: all {FORCE_REFRESH_DAILY_LIMIT} force refreshes of today "
+                "(Beijing time) are used"
+            )
+
+    def _forced_classic_fetch(self, credentials: AppCredentials, *, fence: int) -> CachedToken:
+        """Classic mode: every fetch issues a new token and retires the old one; ours, under the lease."""
+        appid = credentials.appid
+        try:
+            written = self._fetch_and_write(appid, fence=fence)
+        except WxphoneError as error:
+            cause = error.__cause__ if isinstance(error.__cause__, WxphoneError) else error
+            if _may_have_been_performed(cause):
+                raise ForceRefreshFailedError(
+                    f"{appid}: refresh outcome unknown ({cause}): WeChat may have issued a new token; "
+                    "workers pick it up after their next token rejection"
+                ) from error
+            raise ForceRefreshFailedError(f"{appid}: not forced: {error}") from error
+        if written is None:
+            raise ForceRefreshFailedError(
+                f"{appid}: refreshed, but the lease ran out before the new token was stored; workers "
+                "pick it up after their next token rejection"
+            )
+        return written
+
+    def _forced_stable_fetch(self, credentials: AppCredentials, *, fence: int) -> CachedToken:
+        """Under the lease: spend one force refresh, make the call, and keep the count honest."""
+        appid = credentials.appid
+        day = self.store.force_day()
+        used = self.store.spend_force_refresh(
+            appid,
+            daily_limit=FORCE_REFRESH_DAILY_LIMIT,
+            spacing_seconds=FORCE_REFRESH_SPACING_SECONDS,
+            day=day,
+        )
+        if used < 0:
+            self._check_force_budget(appid)  # raises the precise refusal
+            raise ForceRefreshRefusedError(f"{appid}: not forced: the force-refresh budget refused it")
+        previous = self.store.read(appid)
+        try:
+            token = self._fetch(credentials, force=True)
+        except WeChatQuotaExhaustedError:
+            # On a forced call, 45009 is the force budget (another system spent some today); it
+            # says nothing about normal fetches, so the token circuit stays closed.
+            with suppress(TokenStoreUnavailableError):
+                self.store.exhaust_force_budget(appid, day=day, daily_limit=FORCE_REFRESH_DAILY_LIMIT)
+            raise ForceRefreshRefusedError(
+                f"{appid}: not forced: WeChat says today's force refreshes are used up (45009)"
+            ) from None
+        except WxphoneError as error:
+            maybe_forced = _may_have_been_performed(error)
+            with suppress(TokenStoreUnavailableError):
+                if maybe_forced:
+                    self.store.restart_force_spacing(appid, spacing_seconds=FORCE_REFRESH_SPACING_SECONDS)
+                else:
+                    self.store.refund_force_refresh(appid, day=day)
+                self._record_fetch_failure(credentials, error)  # backoff, or the configuration alert
+            if maybe_forced:
+                raise ForceRefreshFailedError(
+                    f"{appid}: force refresh outcome unknown ({error}): WeChat may have revoked the "
+                    "current token; it is counted against today's budget, and workers pick up the new "
+                    "token after their next token rejection"
+                ) from error
+            raise ForceRefreshFailedError(f"{appid}: not forced: {error}; not counted") from error
+        if previous is not None and token.value == previous.value:
+            # WeChat performs no force refresh within 30 s of the previous one (made by another
+            # system, here) and hands back the current token: not forced, and WeChat did not count it.
+            with suppress(TokenStoreUnavailableError):
+                self.store.refund_force_refresh(appid, day=day)
+                self.store.restart_force_spacing(appid, spacing_seconds=FORCE_REFRESH_SPACING_SECONDS)
+            raise ForceRefreshFailedError(
+                f"{appid}: not forced: WeChat returned the current token (it skips a force refresh "
+                f"within {FORCE_REFRESH_SPACING_SECONDS}s of another, perhaps by another system); "
+                "not counted, try again in a minute"
+            )
+        try:
+            # WeChat measures the spacing from its own call: start ours again now the call is over.
+            self.store.restart_force_spacing(appid, spacing_seconds=FORCE_REFRESH_SPACING_SECONDS)
+            written = self._write(appid, token, fence=fence)
+        except TokenStoreUnavailableError:
+            written = None
+        if written is None:
+            raise ForceRefreshFailedError(
+                f"{appid}: forced (WeChat issued a new token and revoked the old one), but it could not "
+                "be stored; workers pick it up after their next token rejection"
+            )
+        log.warning(
+            "access token force-refreshed (%d of today's %d)",
+            used,
+            FORCE_REFRESH_DAILY_LIMIT,
+            extra={"appid": appid},
+        )
+        return written
+
+
+def _may_have_been_performed(error: WxphoneError) -> bool:
+    """Whether WeChat may have carried out a request that ended in ``error``."""
+    if isinstance(error, WeChatTransportError):
+        return error.maybe_processed
+    if isinstance(error, WeChatHttpStatusError):
+        return False  # a redirect or 4xx from the base URL or a gateway: WeChat never saw it
+    # WeChat answered with an errcode: it did nothing. Anything else: assume it may have.
+    return not (isinstance(error, WeChatError) and error.errcode is not None)

@@ -10,7 +10,7 @@ Keys name the appid only (never a secret or a token)::
     wxphone:token-failures:{appid}        int   failed fetches in a row (forgotten 10 min after the last)
     wxphone:token-config-error:{appid}    hash  credentials (a keyed hash, never the secret), api,
                                                 error_code, detail, recorded_at (PX expiry)
-    wxphone:token-force:{appid}:{day}     int   stable force refreshes used that day (UTC)
+    wxphone:token-force:{appid}:{day}     int   stable force refreshes used that Beijing day (UTC+8)
     wxphone:token-force-last:{appid}      str   present while the 30 s force-refresh spacing runs
     wxphone:alert:{appid}:{topic}         str   present while an operator alert is not to be repeated
 
@@ -35,10 +35,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
 
+from worker.limits import BEIJING
 from worker.tokens.errors import TokenStoreUnavailableError
 from worker.wechat.types import AccessToken, mask_secret
 
@@ -48,6 +50,7 @@ __all__ = [
     "FetchBlock",
     "ForceBudget",
     "TokenStore",
+    "beijing_day",
 ]
 
 KEY_PREFIX = "wxphone"
@@ -136,6 +139,13 @@ redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return used + 1
 """
 
+_REFUND_FORCE_BUDGET = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then
+  return redis.call('DECR', KEYS[1])
+end
+return 0
+"""
+
 
 @dataclass(frozen=True)
 class CachedToken:
@@ -165,7 +175,7 @@ class CachedToken:
 
 @dataclass(frozen=True)
 class ForceBudget:
-    """Stable-token force refreshes: used today and whether the spacing window is running."""
+    """Stable-token force refreshes: used today (Beijing day) and whether the spacing window runs."""
 
     used_today: int
     spacing_active: bool
@@ -210,6 +220,7 @@ class TokenStore:
         self._compare_and_delete = client.register_script(_COMPARE_AND_DELETE)
         self._release = client.register_script(_RELEASE_LEASE)
         self._spend_force = client.register_script(_SPEND_FORCE_BUDGET)
+        self._refund_force = client.register_script(_REFUND_FORCE_BUDGET)
         self._record_failure = client.register_script(_RECORD_FETCH_FAILURE)
         self._record_config_error = client.register_script(_RECORD_CONFIG_ERROR)
 
@@ -429,18 +440,40 @@ class TokenStore:
         )
         return bool(claimed)
 
-    def spend_force_refresh(self, appid: str, *, daily_limit: int, spacing_seconds: int) -> int:
-        """Count one force refresh against today's budget.
+    # -- force-refresh budget ----------------------------------------------------------------
 
-        Returns the number used today including this one, ``-1`` while the spacing window runs,
-        or ``-2`` when the daily budget is spent.
+    def force_day(self) -> str:
+        """Today as WeChat counts its daily quotas: the date in Beijing (UTC+8)."""
+        return beijing_day(self._clock())
+
+    def spend_force_refresh(
+        self, appid: str, *, daily_limit: int, spacing_seconds: int, day: str | None = None
+    ) -> int:
+        """Count one force refresh against the budget of ``day`` (default: today in Beijing).
+
+        Returns the number used that day including this one, ``-1`` while the spacing window
+        runs, or ``-2`` when the daily budget is spent.
         """
-        keys = self._force_keys(appid, time.strftime("%Y%m%d", time.gmtime(self._clock())))
+        keys = self._force_keys(appid, day or self.force_day())
         return int(self._call(self._spend_force, keys=keys, args=[daily_limit, spacing_seconds]))
 
+    def refund_force_refresh(self, appid: str, *, day: str) -> None:
+        """Give back one force refresh of ``day``: WeChat did not perform it."""
+        self._call(self._refund_force, keys=self._force_keys(appid, day)[:1], args=[])
+
+    def exhaust_force_budget(self, appid: str, *, day: str, daily_limit: int) -> None:
+        """WeChat says the force refreshes of ``day`` are used up (another system used some)."""
+        day_key = self._force_keys(appid, day)[0]
+        self._call(self._redis.set, day_key, daily_limit, ex=172800)
+
+    def restart_force_spacing(self, appid: str, *, spacing_seconds: int) -> None:
+        """Start the spacing window again when a force call ends: WeChat measures from the call."""
+        last_key = self._force_keys(appid, self.force_day())[1]
+        self._call(self._redis.set, last_key, "1", ex=spacing_seconds)
+
     def force_budget(self, appid: str) -> ForceBudget:
-        """How much of today's force-refresh budget is used."""
-        day_key, last_key = self._force_keys(appid, time.strftime("%Y%m%d", time.gmtime(self._clock())))
+        """How much of today's (Beijing day's) force-refresh budget is used."""
+        day_key, last_key = self._force_keys(appid, self.force_day())
         used = self._call(self._redis.get, day_key)
         spacing = self._call(self._redis.exists, last_key)
         return ForceBudget(used_today=int(used or 0), spacing_active=bool(spacing))
@@ -464,3 +497,8 @@ class TokenStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def beijing_day(now: float) -> str:
+    """The date (``YYYYMMDD``) in Beijing at Unix time ``now``: WeChat's quota day."""
+    return datetime.fromtimestamp(now, BEIJING).strftime("%Y%m%d")
