@@ -12,6 +12,10 @@ Three mechanisms share one gate, checked by one Lua script before every phone or
   ``failed``/``quota_exhausted`` at once: a phone code lives five minutes, the quota will not
   return within that time, and failing fast tells the front end to stop prompting users.
 
+The token API has a circuit too (``API_TOKEN``): a 45009 from the token endpoint opens it, and
+the token service fetches no token for the app until it closes (jobs fail ``quota_exhausted`` once
+no valid token is stored). Phone and login calls keep their own circuits.
+
 For an API without a per-window limit there is nothing to count, so a worker process that found
 the gate open trusts that for ``WXPHONE_CALL_GATE_REUSE_SECONDS`` (1 s) before asking Redis again:
 a pause or circuit set by one process holds back the others' calls within that time (its own at
@@ -42,6 +46,7 @@ from worker.errors import OperatorActionRequiredError, RetryLaterError
 __all__ = [
     "API_LOGIN",
     "API_PHONE",
+    "API_TOKEN",
     "CallGate",
     "CircuitOpenError",
     "GateState",
@@ -54,6 +59,8 @@ log = logging.getLogger(__name__)
 
 API_PHONE = "phone"
 API_LOGIN = "login"
+#: The access-token API (classic or stable, whichever mode is configured): only a circuit.
+API_TOKEN = "token"
 KEY_PREFIX = "wxphone"
 BEIJING = timezone(timedelta(hours=8))
 
@@ -198,6 +205,13 @@ class CallGate:
             self._redis.set, self._circuit_key(appid, api), "45009", px=int(ttl_seconds * 1000), nx=True
         )
         return bool(opened)
+
+    def circuit_open_seconds(self, appid: str, api: str) -> float:
+        """How long the circuit of (appid, api) stays open (0 when closed); always asks Redis."""
+        ttl_ms = int(self._call(self._redis.pttl, self._circuit_key(appid, api)))
+        if ttl_ms == -1:
+            return float("inf")  # no expiry: open until an operator closes it
+        return max(0, ttl_ms) / 1000
 
     def close_circuit(self, appid: str, api: str) -> bool:
         """Operator action: let calls through again (after ``clear_quota``, say)."""

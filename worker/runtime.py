@@ -94,6 +94,7 @@ class Runtime:
             lease_seconds=self.settings.token_lock_ttl_seconds,
             wait_seconds=self.settings.token_wait_seconds,
             local_reuse_seconds=self.settings.token_local_reuse_seconds,
+            gate=self.gate,
         )
 
     @cached_property

@@ -17,6 +17,7 @@ import requests
 from tests.support.processes import base_environment, sandbox_process
 from tests.support.services import free_port
 from tests.support.waiting import wait_for
+from worker.errors import OperatorActionRequiredError, RetryLaterError
 from worker.sandbox.admin import SandboxAdmin, SandboxAdminError
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import (
@@ -331,6 +332,39 @@ def test_http_502_is_a_lost_reply(admin: SandboxAdmin, client: WeChatClient) -> 
         client.code_to_session(appid=APP, secret=SECRET, js_code=code)
     with pytest.raises(WeChatInvalidCodeError):  # processed before the 503
         client.code_to_session(appid=APP, secret=SECRET, js_code=code)
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_http_4xx_is_a_configuration_error_and_the_code_survives(
+    admin: SandboxAdmin, client: WeChatClient, status: int
+) -> None:
+    """A gateway's 403 or a wrong base URL's 404: the same answer every time, so never retried."""
+    admin.inject_fault("stable_token", http_status=status)
+    with pytest.raises(WeChatConfigurationError) as caught:
+        client.fetch_stable_token(appid=APP, secret=SECRET)
+    assert isinstance(caught.value, OperatorActionRequiredError)
+    assert not isinstance(caught.value, RetryLaterError)
+    assert caught.value.http_status == status
+    token = client.fetch_stable_token(appid=APP, secret=SECRET).value
+    code = admin.mint_phone_code(APP)
+    admin.inject_fault("phone", http_status=status)
+    with pytest.raises(WeChatConfigurationError, match=f"HTTP {status}"):
+        client.get_phone_number(access_token=token, code=code)
+    assert client.get_phone_number(access_token=token, code=code).watermark_appid == APP
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_http_408_and_429_are_retried_later_and_the_code_survives(
+    admin: SandboxAdmin, client: WeChatClient, status: int
+) -> None:
+    token = client.fetch_stable_token(appid=APP, secret=SECRET).value
+    code = admin.mint_phone_code(APP)
+    admin.inject_fault("phone", http_status=status)
+    with pytest.raises(RetryLaterError) as caught:
+        client.get_phone_number(access_token=token, code=code)
+    assert not isinstance(caught.value, OperatorActionRequiredError)
+    assert caught.value.maybe_processed is False  # type: ignore[attr-defined]
+    assert client.get_phone_number(access_token=token, code=code).watermark_appid == APP
 
 
 def test_latency_faults_and_read_timeouts(admin: SandboxAdmin, client: WeChatClient) -> None:

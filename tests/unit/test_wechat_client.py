@@ -381,10 +381,38 @@ def test_http_200_with_an_unusable_body_is_malformed(
     assert caught.value.maybe_processed is True
 
 
-def test_http_4xx_is_malformed(server: ScriptedServer, client: WeChatClient) -> None:
-    server.reply(Reply(status=404, body=b"not found"))
-    with pytest.raises(WeChatMalformedReplyError):
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 410, 413])
+@pytest.mark.parametrize("call", sorted(ALL_CALLS))
+def test_http_4xx_is_a_configuration_error_not_a_lost_reply(
+    server: ScriptedServer, client: WeChatClient, call: str, status: int
+) -> None:
+    """A wrong base URL or a gateway refusing us answers the same way every time: never retried."""
+    server.reply(Reply(status=status, body=b"<html>no</html>"))
+
+    with pytest.raises(WeChatConfigurationError) as caught:
+        ALL_CALLS[call](client)
+
+    assert isinstance(caught.value, OperatorActionRequiredError)
+    assert not isinstance(caught.value, RetryLaterError)
+    assert caught.value.error_code == "wechat_config_error"
+    assert caught.value.http_status == status
+    assert f"HTTP {status}" in str(caught.value)
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_http_408_and_429_are_retried_later_as_not_processed(
+    server: ScriptedServer, client: WeChatClient, status: int
+) -> None:
+    """Request timeout and rate limiting by a gateway: the request was refused, so the code is intact."""
+    server.reply(Reply(status=status, body=b"slow down"))
+
+    with pytest.raises(RetryLaterError) as caught:
         call_phone(client)
+
+    assert isinstance(caught.value, WeChatError)
+    assert not isinstance(caught.value, OperatorActionRequiredError)
+    assert caught.value.maybe_processed is False  # type: ignore[attr-defined]
+    assert caught.value.http_status == status
 
 
 @pytest.mark.parametrize(
@@ -545,11 +573,15 @@ def test_default_timeouts_are_bounded(server: ScriptedServer) -> None:
     assert 0 < read <= 30
 
 
-def test_redirect_is_not_followed(server: ScriptedServer, client: WeChatClient) -> None:
+def test_redirect_is_not_followed_and_is_a_configuration_error(
+    server: ScriptedServer, client: WeChatClient
+) -> None:
+    """WeChat never redirects: a redirect means the base URL is wrong (http for https, a moved gateway)."""
     server.reply(Reply(status=302, body=b""))
-    with pytest.raises(WeChatMalformedReplyError):
+    with pytest.raises(WeChatConfigurationError) as caught:
         call_classic_token(client)
     assert len(server.received) == 1
+    assert caught.value.http_status == 302
 
 
 # -- tolerant parsing of good replies ---------------------------------------------------------------
@@ -707,6 +739,8 @@ FAILURE_REPLIES: dict[str, Reply] = {
     "invalid-code": Reply(body=json.dumps(error_reply(40029, _ECHO)).encode()),
     "unknown": Reply(body=json.dumps(error_reply(77777, _ECHO)).encode()),
     "http-502": Reply(status=502, body=_ECHO.encode()),
+    "http-403": Reply(status=403, body=_ECHO.encode()),
+    "http-429": Reply(status=429, body=_ECHO.encode()),
     "not-json": Reply(body=_ECHO.encode()),
     "too-large": Reply(body=(_ECHO * 2000).encode()),
     "dropped": Reply(drop=True),

@@ -22,6 +22,8 @@ from worker.wechat.errors import (
     WeChatConfigurationError,
     WeChatError,
     WeChatHighRiskUserError,
+    WeChatHttpRefusedError,
+    WeChatHttpStatusError,
     WeChatInvalidCodeError,
     WeChatMalformedReplyError,
     WeChatQuotaExhaustedError,
@@ -104,6 +106,8 @@ def test_token_errors_mean_bad_credentials_on_token_endpoints(api: str, errcode:
         (WeChatUnknownError, RequestRejectedError, "upstream_error"),
         (WeChatConfigurationError, OperatorActionRequiredError, "wechat_config_error"),
         (WeChatQuotaExhaustedError, OperatorActionRequiredError, "quota_exhausted"),
+        (WeChatHttpStatusError, OperatorActionRequiredError, "wechat_config_error"),
+        (WeChatHttpRefusedError, RetryLaterError, "upstream_unavailable"),
     ],
 )
 def test_each_error_has_exactly_one_reaction_and_a_stable_error_code(
@@ -121,6 +125,12 @@ def test_only_a_failed_connect_is_known_not_to_have_reached_wechat() -> None:
     assert WeChatMalformedReplyError.maybe_processed is True
     assert issubclass(WeChatMalformedReplyError, WeChatReplyLostError)
     assert issubclass(WeChatReplyLostError, WeChatTransportError)
+    # HTTP 408/429: the gateway refused the request before anything was processed.
+    assert WeChatHttpRefusedError.maybe_processed is False
+    assert issubclass(WeChatHttpRefusedError, WeChatTransportError)
+    # HTTP 3xx/4xx: a configuration error, never a transport error to retry.
+    assert issubclass(WeChatHttpStatusError, WeChatConfigurationError)
+    assert not issubclass(WeChatHttpStatusError, RetryLaterError)
 
 
 @pytest.mark.parametrize(
@@ -146,6 +156,12 @@ def test_message_names_api_label_errcode_and_rid() -> None:
     assert str(error) == "phone: invalid code errcode=40029 rid=632d16be-15ad5486-1e378de4"
 
 
+def test_http_status_message_names_the_status() -> None:
+    assert str(WeChatHttpStatusError(api=API_STABLE_TOKEN, http_status=404)) == (
+        "stable_token: not a WeChat reply HTTP 404"
+    )
+
+
 def test_transport_message_carries_the_detail() -> None:
     error = WeChatReplyLostError(api=API_STABLE_TOKEN, detail="read timed out")
     assert str(error) == "stable_token: reply lost read timed out"
@@ -159,6 +175,8 @@ def test_transport_message_carries_the_detail() -> None:
         error_for_errcode(-1, api=API_CODE_TO_SESSION, rid="r-1"),
         WeChatUnreachableError(api=API_PHONE_NUMBER, detail="connection refused"),
         WeChatMalformedReplyError(api=API_STABLE_TOKEN, detail="reply is not JSON"),
+        WeChatHttpStatusError(api=API_PHONE_NUMBER, http_status=404),
+        WeChatHttpRefusedError(api=API_STABLE_TOKEN, http_status=429),
     ],
     ids=repr,
 )
@@ -166,10 +184,11 @@ def test_pickling_keeps_class_errcode_rid_and_message(error: WeChatError) -> Non
     restored = pickle.loads(pickle.dumps(error))
 
     assert type(restored) is type(error)
-    assert (restored.api, restored.errcode, restored.rid, restored.detail) == (
+    assert (restored.api, restored.errcode, restored.rid, restored.detail, restored.http_status) == (
         error.api,
         error.errcode,
         error.rid,
         error.detail,
+        error.http_status,
     )
     assert str(restored) == str(error)

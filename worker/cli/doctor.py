@@ -7,7 +7,7 @@ import json
 import click
 
 from worker.doctor import run_checks
-from worker.limits import API_LOGIN, API_PHONE
+from worker.limits import API_LOGIN, API_PHONE, API_TOKEN
 from worker.runtime import get_runtime
 from worker.settings import get_settings
 
@@ -40,7 +40,7 @@ def limits_show_command(appid: str | None) -> None:
     runtime = get_runtime()
     appids = [appid] if appid else sorted(runtime.settings.apps_by_id)
     for each in appids:
-        for api in (API_PHONE, API_LOGIN):
+        for api in (API_PHONE, API_LOGIN, API_TOKEN):
             state = runtime.gate.state(each, api)
             limit = state.limit_per_window or "unlimited"
             click.echo(
@@ -51,8 +51,11 @@ def limits_show_command(appid: str | None) -> None:
 
 @limits_group.command("close-circuit")
 @click.option("--appid", required=True)
-@click.option("--api", type=click.Choice([API_PHONE, API_LOGIN]), default=API_PHONE, show_default=True)
+@click.option(
+    "--api", type=click.Choice([API_PHONE, API_LOGIN, API_TOKEN]), default=API_PHONE, show_default=True
+)
 def close_circuit_command(appid: str, api: str) -> None:
-    """Let calls through again after a 45009 (for example after clear_quota)."""
+    """Let calls through again after a 45009 (for example after clear_quota); ``--api token``
+    lets token fetches through again."""
     closed = get_runtime().gate.close_circuit(appid, api)
     click.echo(f"{appid} {api}: circuit {'closed' if closed else 'was not open'}")

@@ -19,6 +19,8 @@ from worker.wechat.errors import (
     API_CODE_TO_SESSION,
     API_PHONE_NUMBER,
     API_STABLE_TOKEN,
+    WeChatHttpRefusedError,
+    WeChatHttpStatusError,
     WeChatInvalidReplyError,
     WeChatMalformedReplyError,
     WeChatReplyLostError,
@@ -34,6 +36,9 @@ __all__ = ["DEFAULT_TIMEOUT_SECONDS", "WeChatClient"]
 DEFAULT_TIMEOUT_SECONDS: tuple[float, float] = (3.05, 5.0)
 #: WeChat replies are a few hundred bytes; anything far larger is not a WeChat reply.
 MAX_REPLY_BYTES = 64 * 1024
+#: Statuses that mean "not now" (request timeout, rate limited by a gateway): retried later.
+#: Every other 3xx/4xx is a configuration error: WeChat itself answers HTTP 200 with an errcode.
+_REFUSED_FOR_NOW_STATUSES = frozenset({408, 429})
 
 _CLASSIC_TOKEN_PATH = "/cgi-bin/token"
 _STABLE_TOKEN_PATH = "/cgi-bin/stable_token"
@@ -177,10 +182,15 @@ class WeChatClient:
             response.close()
 
     def _decode(self, response: requests.Response, api: str) -> dict[str, Any]:
-        if response.status_code >= 500:
-            raise WeChatReplyLostError(api=api, detail=f"HTTP {response.status_code}")
-        if response.status_code != 200:
-            raise WeChatMalformedReplyError(api=api, detail=f"HTTP {response.status_code}")
+        status = response.status_code
+        if status >= 500:
+            raise WeChatReplyLostError(api=api, http_status=status)
+        if status in _REFUSED_FOR_NOW_STATUSES:
+            raise WeChatHttpRefusedError(api=api, http_status=status)
+        if 300 <= status < 500:
+            raise WeChatHttpStatusError(api=api, http_status=status)
+        if status != 200:
+            raise WeChatMalformedReplyError(api=api, http_status=status)
         try:
             raw = response.raw.read(MAX_REPLY_BYTES + 1, decode_content=True)
         except (requests.RequestException, OSError, ValueError):

@@ -7,6 +7,7 @@ Every class also inherits one of the four reactions in :mod:`worker.errors`::
     ├── WeChatRateLimitedError       45011     RetryLaterError
     ├── WeChatTransportError                   RetryLaterError
     │   ├── WeChatUnreachableError             request never reached WeChat (connect failure)
+    │   ├── WeChatHttpRefusedError             HTTP 408 or 429: refused for now, not processed
     │   └── WeChatReplyLostError               request may have been processed (read timeout,
     │       │                                  dropped connection, HTTP 5xx)
     │       └── WeChatMalformedReplyError      HTTP 200 with a body that is not a valid reply
@@ -18,11 +19,13 @@ Every class also inherits one of the four reactions in :mod:`worker.errors`::
     ├── WeChatUnknownError           any errcode not listed here           RequestRejectedError
     ├── WeChatConfigurationError     40001 on the token endpoints, 40002, 40013, 40125, 40164,
     │                                40243, 41001, 41002, 41004, 43002, 48001, 50004, 50007,
-    │                                61024, 89501, 89503, 89506, 89507     OperatorActionRequiredError
+    │   │                            61024, 89501, 89503, 89506, 89507     OperatorActionRequiredError
+    │   └── WeChatHttpStatusError    HTTP 3xx or 4xx other than 408/429: a wrong base URL, a
+    │                                gateway or proxy refusing us; the same every time
     └── WeChatQuotaExhaustedError    45009     OperatorActionRequiredError
 
-Messages carry the API name, errcode, a short label and WeChat's ``rid``; never the raw request,
-URL, secret, token, code or phone number.
+Messages carry the API name, errcode or HTTP status, a short label and WeChat's ``rid``; never the
+raw request, URL, secret, token, code or phone number.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ __all__ = [
     "WeChatConfigurationError",
     "WeChatError",
     "WeChatHighRiskUserError",
+    "WeChatHttpRefusedError",
+    "WeChatHttpStatusError",
     "WeChatInvalidCodeError",
     "WeChatInvalidReplyError",
     "WeChatMalformedReplyError",
@@ -81,11 +86,21 @@ class WeChatError(WxphoneError):
     label: ClassVar[str] = "wechat error"
 
     def __init__(
-        self, *, api: str, errcode: int | None = None, rid: str | None = None, detail: str = ""
+        self,
+        *,
+        api: str,
+        errcode: int | None = None,
+        rid: str | None = None,
+        detail: str = "",
+        http_status: int | None = None,
     ) -> None:
         self.api = api
         self.errcode = errcode
         self.rid = rid
+        #: The HTTP status of a reply that was not a WeChat reply (a 5xx, a 4xx, a redirect).
+        self.http_status = http_status
+        if http_status is not None and not detail:
+            detail = f"HTTP {http_status}"
         self.detail = detail
         parts = [f"{api}: {self.label}"]
         if errcode is not None:
@@ -98,13 +113,18 @@ class WeChatError(WxphoneError):
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keyword-only __init__: teach pickle (Celery result backends) how to rebuild us.
-        return (_rebuild, (type(self), self.api, self.errcode, self.rid, self.detail))
+        return (_rebuild, (type(self), self.api, self.errcode, self.rid, self.detail, self.http_status))
 
 
 def _rebuild(
-    cls: type[WeChatError], api: str, errcode: int | None, rid: str | None, detail: str
+    cls: type[WeChatError],
+    api: str,
+    errcode: int | None,
+    rid: str | None,
+    detail: str,
+    http_status: int | None = None,
 ) -> WeChatError:
-    return cls(api=api, errcode=errcode, rid=rid, detail=detail)
+    return cls(api=api, errcode=errcode, rid=rid, detail=detail, http_status=http_status)
 
 
 class WeChatBusyError(WeChatError, RetryLaterError):
@@ -132,6 +152,17 @@ class WeChatUnreachableError(WeChatTransportError):
     """The request never reached WeChat (connection refused, DNS, connect timeout)."""
 
     label = "unreachable"
+    maybe_processed = False
+
+
+class WeChatHttpRefusedError(WeChatTransportError):
+    """HTTP 408 (request timeout) or 429 (too many requests), from WeChat or a gateway on the way.
+
+    The request was refused before it was processed, so a phone code is still unused; the same
+    request may succeed later.
+    """
+
+    label = "refused for now"
     maybe_processed = False
 
 
@@ -189,6 +220,18 @@ class WeChatConfigurationError(WeChatError, OperatorActionRequiredError):
 
     label = "configuration error"
     error_code = "wechat_config_error"
+
+
+class WeChatHttpStatusError(WeChatConfigurationError):
+    """HTTP 3xx or 4xx (but 408 and 429): not a WeChat reply at all.
+
+    WeChat answers every request it reads with HTTP 200 and an errcode. A redirect, 403 or 404
+    comes from a wrong ``WXPHONE_WECHAT_API_BASE``, a gateway or a proxy refusing us, and it
+    answers the same way until an operator changes something: retrying would only run the code
+    out of its life.
+    """
+
+    label = "not a WeChat reply"
 
 
 class WeChatQuotaExhaustedError(WeChatError, OperatorActionRequiredError):
