@@ -35,7 +35,14 @@ def _redis_location(url: str) -> str:
     return f"{connection.get('host', 'localhost')}:{connection.get('port', 6379)}/{connection.get('db', 0)}"
 
 
-def _check_redis(name: str, url: str, *, needs_persistence: bool) -> Iterator[Finding]:
+#: What each Redis loses when it restarts without persistence, for the failure message.
+BROKER_HOLDS = "queued and unacknowledged jobs"
+TOKEN_STORE_HOLDS = "token fence counters, the force-refresh budget, 45009 circuits and the RedBeat lock"
+
+
+def _check_redis(name: str, url: str, *, holds: str) -> Iterator[Finding]:
+    """Reachable, ``maxmemory-policy noeviction`` and ``appendonly yes``: both Redis roles keep
+    state that must survive a restart and must never be evicted."""
     where = _redis_location(url)
     try:
         with redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3) as conn:
@@ -58,18 +65,17 @@ def _check_redis(name: str, url: str, *, needs_persistence: bool) -> Iterator[Fi
         yield Finding(
             f"{name} eviction",
             "fail",
-            f"maxmemory-policy is {policy}: Redis may evict queued jobs or tokens; set noeviction",
+            f"maxmemory-policy is {policy}: Redis may evict {holds}; set noeviction",
         )
-    if needs_persistence:
-        if appendonly == "yes":
-            yield Finding(f"{name} persistence", "ok", "appendonly yes (AOF)")
-        else:
-            yield Finding(
-                f"{name} persistence",
-                "fail",
-                "appendonly is no: queued and unacknowledged jobs are lost if Redis restarts; "
-                "set appendonly yes and appendfsync everysec",
-            )
+    if appendonly == "yes":
+        yield Finding(f"{name} persistence", "ok", "appendonly yes (AOF)")
+    else:
+        yield Finding(
+            f"{name} persistence",
+            "fail",
+            f"appendonly is no: {holds} are lost if Redis restarts; "
+            "set appendonly yes and appendfsync everysec",
+        )
 
 
 def _check_database(settings: Settings) -> Iterator[Finding]:
@@ -118,8 +124,8 @@ def run_checks(settings: Settings) -> list[Finding]:
         lambda: _check_apps(settings),
         lambda: _check_api_base(settings),
         lambda: _check_delivery(settings),
-        lambda: _check_redis("broker", settings.broker_url, needs_persistence=True),
-        lambda: _check_redis("token store", settings.redis_url, needs_persistence=False),
+        lambda: _check_redis("broker", settings.broker_url, holds=BROKER_HOLDS),
+        lambda: _check_redis("token store", settings.redis_url, holds=TOKEN_STORE_HOLDS),
         lambda: _check_database(settings),
     ]
     return [finding for check in checks for finding in check()]

@@ -71,3 +71,43 @@ def test_doctor_passes_a_healthy_deployment_and_fails_each_broken_part(
         durable.stop()
         volatile.stop()
         drop_database(empty_database)
+
+
+def test_doctor_requires_persistence_and_noeviction_on_the_token_store_redis(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    """The token store (WXPHONE_REDIS_URL) holds fence counters, the force-refresh budget, 45009
+    circuits and the RedBeat lock: losing them on a restart is as bad as losing the queue."""
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    volatile = RedisServer(tmp_path / "volatile", appendonly=False)
+    durable.start()
+    volatile.start()
+    try:
+        healthy = {
+            "apps": "wxdoctor00000001:doctor-secret-1",
+            "broker_url": durable.url(0),
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+            "wechat_api_base": "http://127.0.0.1:9",
+        }
+        code, findings = run_doctor(**healthy)
+        assert code == 0, findings
+        assert findings["token store persistence"]["verdict"] == "ok"
+        assert findings["token store eviction"]["verdict"] == "ok"
+
+        code, findings = run_doctor(**{**healthy, "redis_url": volatile.url(1)})
+        assert code == 1
+        assert findings["broker persistence"]["verdict"] == "ok"
+        assert findings["token store persistence"]["verdict"] == "fail"
+        assert "appendonly" in findings["token store persistence"]["detail"]
+
+        with volatile.client() as conn:
+            conn.config_set("appendonly", "yes")
+            conn.config_set("maxmemory-policy", "volatile-lru")
+        code, findings = run_doctor(**{**healthy, "redis_url": volatile.url(1)})
+        assert code == 1
+        assert findings["token store persistence"]["verdict"] == "ok"
+        assert findings["token store eviction"]["verdict"] == "fail"
+    finally:
+        durable.stop()
+        volatile.stop()
