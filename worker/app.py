@@ -6,10 +6,10 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.db import check_schema_at_head
+from worker.db import SchemaNotAtHeadError, check_schema_at_head
 from worker.logs import configure_logging
 from worker.runtime import get_runtime, reset_runtime
-from worker.settings import get_settings
+from worker.settings import SettingsError, get_settings
 
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
@@ -22,6 +22,7 @@ def _configure_logging(**_: Any) -> None:
     # and the libraries', goes through the one redacting handler on the root logger.
     settings = get_settings()
     configure_logging(settings.log_level, secrets=[each.secret for each in settings.apps])
+    settings.warn_if_development_mode()
 
 
 @signals.worker_process_init.connect
@@ -31,7 +32,12 @@ def _fresh_connections_in_child(**_: Any) -> None:
 
 
 @signals.worker_init.connect
-def _refuse_outdated_schema(**_: Any) -> None:
-    # Raising here stops the worker before it consumes anything, with the message naming the
-    # command to run (``wxphone db upgrade``).
-    check_schema_at_head(get_runtime().engine)
+def _refuse_to_start_misconfigured(**_: Any) -> None:
+    # Stop the worker before it consumes anything when it has no keys of its own where the public
+    # development keys are not allowed, or when the schema is not the one this code expects (the
+    # message names the variables, or the command to run: ``wxphone db upgrade``). Celery logs
+    # and swallows an Exception raised by a signal handler and starts anyway; SystemExit stops it.
+    try:
+        check_schema_at_head(get_runtime().engine)
+    except (SettingsError, SchemaNotAtHeadError) as error:
+        raise SystemExit(f"wxphone worker: {error}") from None

@@ -129,14 +129,10 @@ class Producer:
         self.celery_app = celery_app
         self.policy = policy
         self.clock = clock
-        self._protection = protection
-
-    @property
-    def protection(self) -> DataProtection:
-        """The keys that decrypt numbers and build lookups (default: this process's settings)."""
-        if self._protection is None:
-            self._protection = default_protection()
-        return self._protection
+        #: The keys that decrypt numbers and build lookups (default: this process's settings).
+        #: Resolved now, so a front end without keys where the public development keys are not
+        #: allowed stops when it builds its producer (SettingsError), not on its first read.
+        self.protection = protection or default_protection()
 
     def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.

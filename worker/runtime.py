@@ -41,9 +41,11 @@ class Runtime:
     """Lazily built, process-wide collaborators for one :class:`Settings`."""
 
     def __init__(self, settings: Settings) -> None:
-        # A process serving apps against the real WeChat API refuses to start without its own
-        # encryption, blind-index and fingerprint keys (SettingsError names the variables).
+        # Unless the WeChat API base is on loopback (the sandbox) or development mode is on, a
+        # process refuses to start without its own encryption, blind-index and fingerprint keys
+        # (SettingsError names the variables): the public development keys protect nothing.
         settings.require_production_secrets()
+        settings.warn_if_development_mode()
         self.settings = settings
 
     @cached_property
@@ -131,7 +133,7 @@ class Runtime:
     @cached_property
     def job_policy(self) -> JobPolicy:
         return JobPolicy(
-            fingerprint_key=self.settings.fingerprint_key,
+            fingerprint_key=self.settings.field_fingerprint_key(),
             code_lifetime_seconds=self.settings.code_lifetime_seconds,
             retry_backoff_base_seconds=self.settings.retry_backoff_base_seconds,
             retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,

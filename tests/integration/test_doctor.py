@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -111,3 +113,44 @@ def test_doctor_requires_persistence_and_noeviction_on_the_token_store_redis(
     finally:
         durable.stop()
         volatile.stop()
+
+
+def test_doctor_names_missing_keys_wherever_development_keys_are_not_allowed(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    durable.start()
+    try:
+        base = {
+            "apps": "wxdoctor00000001:a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6",
+            "broker_url": durable.url(0),
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+        }
+        # A gateway may lead to the real WeChat: the keys are required.
+        code, findings = run_doctor(**base, wechat_api_base="https://wechat-gw.internal.example")
+        assert code == 1
+        assert findings["keys"]["verdict"] == "fail"
+        for name in ("WXPHONE_ENCRYPTION_KEYS", "WXPHONE_BLIND_INDEX_KEY", "WXPHONE_FINGERPRINT_KEY"):
+            assert name in findings["keys"]["detail"]
+
+        keys = {
+            "encryption_keys": "v1:" + base64.b64encode(os.urandom(32)).decode(),
+            "blind_index_key": "blind-index-key-0123456789abcdef",
+            "fingerprint_key": "fingerprint-key-0123456789abcdef",
+        }
+        code, findings = run_doctor(**base, **keys, wechat_api_base="https://api2.weixin.qq.com")
+        assert code == 0, findings
+        assert findings["keys"]["verdict"] == "ok"
+        assert findings["WeChat API"]["verdict"] == "ok"
+
+        # Development mode: the development keys are accepted, and doctor says so.
+        code, findings = run_doctor(
+            **base, wechat_api_base="http://sandbox.internal.example:8780", development_mode="true"
+        )
+        assert code == 0, findings
+        assert findings["keys"]["verdict"] == "warn"
+        assert findings["WeChat API"]["verdict"] == "warn"
+        assert "WXPHONE_DEVELOPMENT_MODE" in findings["WeChat API"]["detail"]
+    finally:
+        durable.stop()

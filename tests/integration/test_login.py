@@ -10,7 +10,14 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
-from tests.support.pipeline import APPS, FAST_RETRY_SETTINGS, FINGERPRINT_KEY, Pipeline, endpoint_counts
+from tests.support.pipeline import (
+    APPS,
+    DEVELOPMENT_PROTECTION,
+    FAST_RETRY_SETTINGS,
+    FINGERPRINT_KEY,
+    Pipeline,
+    endpoint_counts,
+)
 from tests.support.waiting import wait_for
 from worker.jobs.login import LoginOutcome, login_user
 from worker.jobs.phone import JobPolicy
@@ -134,6 +141,7 @@ def test_a_login_run_again_after_it_succeeded_returns_the_user_without_a_second_
             client=client,
             apps={APPID: AppCredentials(APPID, APPS[APPID])},
             policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
+            protection=DEVELOPMENT_PROTECTION,
             task_id=task_id,
         )
 

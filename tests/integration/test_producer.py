@@ -129,7 +129,10 @@ def test_a_job_the_broker_cannot_take_is_marked_failed(pipeline: Pipeline) -> No
     # A broker nobody listens on (no result backend: the publish itself must fail).
     unreachable = Celery("frontend", broker=f"redis://127.0.0.1:{free_port()}/0")
     producer = Producer(
-        sessions=pipeline.sessions, celery_app=unreachable, policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY)
+        sessions=pipeline.sessions,
+        celery_app=unreachable,
+        policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
+        protection=pipeline.producer.protection,
     )
     try:
         with pytest.raises(PublishError) as raised:

@@ -19,13 +19,29 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.processes import WXPHONE, ManagedProcess, base_environment, beat_process, worker_process
 from tests.support.waiting import wait_for
+from worker.crypto import BlindIndex, DataProtection, FieldCipher
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
 from worker.producer import JobView, Producer
 from worker.sandbox.admin import SandboxAdmin
+from worker.settings import (
+    DEVELOPMENT_BLIND_INDEX_KEY,
+    DEVELOPMENT_ENCRYPTION_KEY_VERSION,
+    DEVELOPMENT_ENCRYPTION_KEYS,
+    parse_encryption_keys,
+)
 
 APPS: dict[str, str] = {"wxpipeline000001": "pipeline-secret-1", "wxpipeline000002": "pipeline-secret-2"}
 FINGERPRINT_KEY = "pipeline-test-fingerprint-key"
+#: The keys of the tests' workers: they run against the sandbox on loopback without keys of their
+#: own, so they use the development keys. The test process reads their rows with the same ones
+#: (its own settings point at the real WeChat, where development keys are refused).
+DEVELOPMENT_PROTECTION = DataProtection(
+    cipher=FieldCipher(
+        parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS), DEVELOPMENT_ENCRYPTION_KEY_VERSION
+    ),
+    blind_index=BlindIndex(DEVELOPMENT_BLIND_INDEX_KEY),
+)
 TERMINAL = {"succeeded", "failed"}
 
 
@@ -141,7 +157,9 @@ def running_pipeline(
         engine=engine,
         sessions=sessions,
         celery=celery,
-        producer=Producer(sessions=sessions, celery_app=celery, policy=policy),
+        producer=Producer(
+            sessions=sessions, celery_app=celery, policy=policy, protection=DEVELOPMENT_PROTECTION
+        ),
     )
     try:
         yield pipeline
@@ -207,6 +225,7 @@ def producer_with_policy(pipeline: Pipeline, **policy: Any) -> Producer:
         sessions=pipeline.sessions,
         celery_app=pipeline.celery,
         policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY, **policy),
+        protection=DEVELOPMENT_PROTECTION,
     )
 
 
