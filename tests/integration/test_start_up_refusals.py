@@ -74,3 +74,27 @@ def test_a_worker_on_a_database_not_at_the_expected_schema_exits_naming_the_fix(
     finally:
         process.stop()
         drop_database(empty_database)
+
+
+def test_a_worker_in_development_mode_off_loopback_starts_and_warns(
+    redis_urls: RedisUrls, migrated_database_url: str, log_dir: Path
+) -> None:
+    """A sandbox on another host (a container's name): development keys, placeholder secrets, and
+    a WARNING in the worker's log."""
+    env = base_environment(
+        apps="wxstartup0000001:sandbox-secret",
+        wechat_api_base="http://sandbox.internal.example:8780",
+        development_mode="true",
+        broker_url=redis_urls.broker_url,
+        redis_url=redis_urls.redis_url,
+        database_url=migrated_database_url,
+    )
+    process = ManagedProcess("worker", COMMANDS["wxphone worker"], env, log_dir / "worker.log").start()
+    try:
+        process.wait_for_output("ready.", timeout_seconds=60)
+        warnings = [
+            line for line in process.output().splitlines() if "WXPHONE_DEVELOPMENT_MODE is on" in line
+        ]
+        assert len(warnings) == 1 and " WARNING " in warnings[0], warnings
+    finally:
+        process.stop()
