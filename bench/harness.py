@@ -163,14 +163,18 @@ class BenchSubmitter:
 class WxphoneSubmitter:
     """wxphone: its own front-end API, :meth:`worker.producer.Producer.submit_phone_code`."""
 
-    def __init__(self, engine: Engine, celery: Celery, code_lifetime_seconds: float) -> None:
-        from worker.jobs.phone import JobPolicy
+    def __init__(self, engine: Engine, celery: Celery, code_lifetime_seconds: float, api_base: str) -> None:
+        from worker.crypto import DataProtection
         from worker.producer import Producer
+        from worker.settings import Settings
 
         self.producer = Producer(
             sessions=sessionmaker(bind=engine, expire_on_commit=False),
             celery_app=celery,
-            policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY, code_lifetime_seconds=code_lifetime_seconds),
+            code_lifetime_seconds=code_lifetime_seconds,
+            # The keys of a process against the bench's sandbox, like its workers (the bench
+            # process's own settings point at the real WeChat, where keys are required).
+            protection=DataProtection.from_settings(Settings(wechat_api_base=api_base)),
         )
 
     def submit(self, appid: str, openid: str, code: str) -> str:
@@ -391,10 +395,13 @@ class Bench:
         return str(reply["access_token"])
 
     def _submitter(self, system: System, run: RunSettings) -> tuple[Submitter, Celery]:
-        assert self.engine is not None
+        assert self.engine is not None and self.sandbox is not None
         celery = _plain_celery(self.redis.url(system.broker_db))
         if system.name == "wxphone":
-            return WxphoneSubmitter(self.engine, celery, run.code_lifetime_seconds), celery
+            submitter = WxphoneSubmitter(
+                self.engine, celery, run.code_lifetime_seconds, self.sandbox.base_url
+            )
+            return submitter, celery
         return BenchSubmitter(self.engine, celery, system.task_name, system.queue), celery
 
     def _rows(self, system: System) -> dict[str, JobRow]:

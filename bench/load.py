@@ -35,10 +35,10 @@ from pathlib import Path
 from celery import Celery
 from sqlalchemy import Engine, text
 
+from tests.support.pipeline import DEVELOPMENT_PROTECTION
 from tests.support.processes import ManagedProcess, base_environment, sandbox_process, worker_process
 from tests.support.services import RedisServer, create_database, drop_database, free_port
 from worker.db import make_engine, session_factory, upgrade_to_head
-from worker.jobs.phone import JobPolicy
 from worker.producer import Producer
 from worker.sandbox.admin import SandboxAdmin
 
@@ -179,7 +179,8 @@ def run(args: argparse.Namespace, directory: Path) -> Figures:
             producer = Producer(
                 sessions=session_factory(engine),
                 celery_app=celery,
-                policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
+                # The workers' keys: against the sandbox on loopback, without keys of their own.
+                protection=DEVELOPMENT_PROTECTION,
             )
             per_app = [
                 args.jobs // len(APPS) + (1 if index < args.jobs % len(APPS) else 0) for index in range(2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import Celery, signals
@@ -12,8 +11,6 @@ from worker.keychecks import verify_shared_key
 from worker.logs import configure_logging
 from worker.runtime import current_runtime, get_runtime, reset_runtime
 from worker.settings import SettingsError, get_settings
-
-log = logging.getLogger(__name__)
 
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
@@ -26,6 +23,7 @@ def _configure_logging(**_: Any) -> None:
     # and the libraries', goes through the one redacting handler on the root logger.
     settings = get_settings()
     configure_logging(settings.log_level, secrets=[each.secret for each in settings.apps])
+    settings.warn_if_development_mode()
 
 
 @signals.worker_process_init.connect
@@ -45,16 +43,18 @@ def _give_up_liveness_lease(**_: Any) -> None:
 
 
 @signals.worker_init.connect
-def _refuse_outdated_schema_or_foreign_keys(**_: Any) -> None:
-    # The worker stops before it consumes anything, with the message naming the command to run
-    # (``wxphone db upgrade``) or the variable whose key differs from the fleet's. Celery logs and
-    # swallows an Exception raised by a signal handler, so the refusal is a SystemExit.
-    runtime = get_runtime()
+def _refuse_to_start_misconfigured(**_: Any) -> None:
+    # Stop the worker before it consumes anything when it has no keys of its own where the public
+    # development keys are not allowed, when the schema is not the one this code expects, or when
+    # its fingerprint or blind-index key differs from the one the fleet recorded (the message
+    # names the variables, or the command to run: ``wxphone db upgrade``). Celery logs and
+    # swallows an Exception raised by a signal handler and starts anyway; SystemExit stops it.
     try:
-        check_schema_at_head(runtime.engine)
+        runtime = get_runtime()
         settings = runtime.settings
+        settings.require_production_secrets()
+        check_schema_at_head(runtime.engine)
         verify_shared_key(runtime.engine, "fingerprint_key", settings.fingerprint_key, record=True)
         verify_shared_key(runtime.engine, "blind_index_key", settings.field_blind_index_key(), record=True)
-    except (SchemaNotAtHeadError, SettingsError) as refusal:
-        log.critical("worker refuses to start: %s", refusal)
-        raise SystemExit(1) from None
+    except (SettingsError, SchemaNotAtHeadError) as error:
+        raise SystemExit(f"wxphone worker: {error}") from None

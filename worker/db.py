@@ -11,10 +11,13 @@ the URL always comes from :class:`worker.settings.Settings`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
 import psycopg
@@ -42,10 +45,16 @@ __all__ = [
     "ensure_database_exists",
     "head_revision",
     "is_transient_database_error",
+    "is_unreachable",
     "make_engine",
+    "retry_while_unreachable",
     "session_factory",
     "upgrade_to_head",
 ]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Where the Alembic environment and revisions live.
 MIGRATIONS_DIR = Path(migrations.__file__).parent
@@ -63,6 +72,10 @@ POOL_MAX_OVERFLOW = 5
 POOL_TIMEOUT_SECONDS = 10.0
 #: Replace connections older than this, before a firewall or proxy drops them while idle.
 POOL_RECYCLE_SECONDS = 1800
+
+#: Pauses between attempts of :func:`retry_while_unreachable`: doubled from the first to the last.
+UNREACHABLE_FIRST_PAUSE_SECONDS = 0.2
+UNREACHABLE_MAX_PAUSE_SECONDS = 2.0
 
 #: The database used to run CREATE DATABASE; every PostgreSQL server has it.
 MAINTENANCE_DATABASE = "postgres"
@@ -259,3 +272,39 @@ def ensure_database_exists(database_url: str) -> bool:
             # CREATE DATABASE statements can also collide on pg_database's unique index.
             return False
         return True
+
+
+def is_unreachable(error: exc.DBAPIError) -> bool:
+    """True when ``error`` means the database could not be reached (a lost or refused connection,
+    a server shutting down), as opposed to a statement PostgreSQL refused."""
+    return bool(error.connection_invalidated) or isinstance(error, exc.OperationalError)
+
+
+def retry_while_unreachable(
+    write: Callable[[], T],
+    *,
+    retry_seconds: float,
+    what: str,
+    log_extra: Mapping[str, object] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``write`` (one transaction), retrying it while PostgreSQL is unreachable.
+
+    For writes that must not be lost: the result of a WeChat exchange whose code is spent, which
+    exists nowhere else. Retries for up to ``retry_seconds`` (then the last error is raised), with
+    pauses from 0.2 s doubling to 2 s; any other database error is raised at once. Each retry
+    logs a WARNING ``database unreachable while recording {what}; retrying``.
+    """
+    deadline = time.monotonic() + retry_seconds
+    pause = UNREACHABLE_FIRST_PAUSE_SECONDS
+    while True:
+        try:
+            return write()
+        except exc.DBAPIError as error:
+            if not is_unreachable(error) or time.monotonic() >= deadline:
+                raise
+            log.warning(
+                "database unreachable while recording %s; retrying", what, extra=dict(log_extra or {})
+            )
+            sleep(pause)
+            pause = min(UNREACHABLE_MAX_PAUSE_SECONDS, pause * 2)

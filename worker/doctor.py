@@ -13,11 +13,10 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db import SchemaNotAtHeadError, check_schema_at_head, describe_database, make_engine
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, is_wechat_url, url_host
 
-__all__ = ["OFFICIAL_API_BASE", "Finding", "run_checks"]
+__all__ = ["Finding", "run_checks"]
 
-OFFICIAL_API_BASE = "https://api.weixin.qq.com"
 Verdict = Literal["ok", "warn", "fail"]
 
 
@@ -35,7 +34,14 @@ def _redis_location(url: str) -> str:
     return f"{connection.get('host', 'localhost')}:{connection.get('port', 6379)}/{connection.get('db', 0)}"
 
 
-def _check_redis(name: str, url: str, *, needs_persistence: bool) -> Iterator[Finding]:
+#: What each Redis loses when it restarts without persistence, for the failure message.
+BROKER_HOLDS = "queued and unacknowledged jobs"
+TOKEN_STORE_HOLDS = "token fence counters, the force-refresh budget, 45009 circuits and the RedBeat lock"
+
+
+def _check_redis(name: str, url: str, *, holds: str) -> Iterator[Finding]:
+    """Reachable, ``maxmemory-policy noeviction`` and ``appendonly yes``: both Redis roles keep
+    state that must survive a restart and must never be evicted."""
     where = _redis_location(url)
     try:
         with redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3) as conn:
@@ -58,18 +64,17 @@ def _check_redis(name: str, url: str, *, needs_persistence: bool) -> Iterator[Fi
         yield Finding(
             f"{name} eviction",
             "fail",
-            f"maxmemory-policy is {policy}: Redis may evict queued jobs or tokens; set noeviction",
+            f"maxmemory-policy is {policy}: Redis may evict {holds}; set noeviction",
         )
-    if needs_persistence:
-        if appendonly == "yes":
-            yield Finding(f"{name} persistence", "ok", "appendonly yes (AOF)")
-        else:
-            yield Finding(
-                f"{name} persistence",
-                "fail",
-                "appendonly is no: queued and unacknowledged jobs are lost if Redis restarts; "
-                "set appendonly yes and appendfsync everysec",
-            )
+    if appendonly == "yes":
+        yield Finding(f"{name} persistence", "ok", "appendonly yes (AOF)")
+    else:
+        yield Finding(
+            f"{name} persistence",
+            "fail",
+            f"appendonly is no: {holds} are lost if Redis restarts; "
+            "set appendonly yes and appendfsync everysec",
+        )
 
 
 def _check_database(settings: Settings) -> Iterator[Finding]:
@@ -96,10 +101,35 @@ def _check_apps(settings: Settings) -> Iterator[Finding]:
 
 
 def _check_api_base(settings: Settings) -> Iterator[Finding]:
-    if settings.wechat_api_base == OFFICIAL_API_BASE:
-        yield Finding("WeChat API", "ok", f"{settings.wechat_api_base} (the real WeChat)")
+    host = url_host(settings.wechat_api_base)
+    if settings.api_base_is_loopback:
+        yield Finding("WeChat API", "warn", f"{host} is on loopback: the sandbox, not WeChat")
+    elif settings.development_mode:
+        yield Finding(
+            "WeChat API",
+            "warn",
+            f"{host} with WXPHONE_DEVELOPMENT_MODE on: development keys and placeholder secrets "
+            "are accepted; never with real users' data",
+        )
+    elif is_wechat_url(settings.wechat_api_base):
+        yield Finding("WeChat API", "ok", f"{host} (WeChat)")
     else:
-        yield Finding("WeChat API", "warn", f"{settings.wechat_api_base} (not WeChat: a sandbox or a proxy)")
+        yield Finding("WeChat API", "ok", f"{host} (a gateway or proxy: treated as the real WeChat)")
+
+
+def _check_keys(settings: Settings) -> Iterator[Finding]:
+    try:
+        settings.require_production_secrets()
+    except SettingsError as error:
+        yield Finding("keys", "fail", str(error))
+        return
+    development = settings.unset_key_variables()
+    if development:
+        yield Finding(
+            "keys", "warn", f"development keys stand in for {', '.join(development)}: they protect nothing"
+        )
+    else:
+        yield Finding("keys", "ok", "encryption, blind-index and fingerprint keys set")
 
 
 def _check_delivery(settings: Settings) -> Iterator[Finding]:
@@ -117,9 +147,10 @@ def run_checks(settings: Settings) -> list[Finding]:
     checks: list[Callable[[], Iterator[Finding]]] = [
         lambda: _check_apps(settings),
         lambda: _check_api_base(settings),
+        lambda: _check_keys(settings),
         lambda: _check_delivery(settings),
-        lambda: _check_redis("broker", settings.broker_url, needs_persistence=True),
-        lambda: _check_redis("token store", settings.redis_url, needs_persistence=False),
+        lambda: _check_redis("broker", settings.broker_url, holds=BROKER_HOLDS),
+        lambda: _check_redis("token store", settings.redis_url, holds=TOKEN_STORE_HOLDS),
         lambda: _check_database(settings),
     ]
     return [finding for check in checks for finding in check()]

@@ -4,8 +4,10 @@ Three mechanisms share one gate, checked by one Lua script before every phone or
 
 * a **rate limit**: at most N calls per window (``WXPHONE_RATE_LIMIT_*_PER_WINDOW``), counted for
   the whole fleet, so adding workers never adds WeChat traffic beyond what is configured;
-* a **pause**: when WeChat answers 45011 (minute quota reached), every worker holds that app's
-  calls until the window ends instead of hammering WeChat;
+* a **pause**: when WeChat answers 45011 (minute quota reached) on the phone API, whose quota is
+  the app's, every worker holds that app's calls until the window ends instead of hammering
+  WeChat. (code2Session's 45011 is a per-user limit: :mod:`worker.jobs.login` retries only that
+  login and pauses nothing.)
 * a **circuit**: when WeChat answers 45009 (daily quota exhausted), the circuit opens for that
   app and API until midnight Beijing time, when WeChat restores daily quotas (or until an
   operator closes it with ``wxphone limits close-circuit``). Jobs that meet an open circuit end

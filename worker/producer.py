@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import KeyCheck, PhoneJob, PhoneJobStatus, User
 from worker.audit import clean_caller
 from worker.crypto import DataProtection, default_protection, users_context
-from worker.jobs.phone import JobPolicy, record_submission, utc_now
+from worker.jobs.phone import record_submission, utc_now
 from worker.jobs.validation import validate_phone_job
 from worker.keychecks import compare_with_recorded
 from worker.wechat.types import mask_phone_number
@@ -47,6 +47,8 @@ __all__ = [
 RESOLVE_PHONE_TASK = "wxphone.resolve_phone"
 LOGIN_TASK = "wxphone.login"
 JOB_QUEUE = "wxphone"
+#: A phone code's life, from WeChat's documentation.
+DEFAULT_CODE_LIFETIME_SECONDS = 300.0
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -123,23 +125,20 @@ class Producer:
         *,
         sessions: sessionmaker[Session],
         celery_app: Celery,
-        policy: JobPolicy,
+        code_lifetime_seconds: float = DEFAULT_CODE_LIFETIME_SECONDS,
         clock: Callable[[], datetime] = utc_now,
         protection: DataProtection | None = None,
     ) -> None:
         self.sessions = sessions
         self.celery_app = celery_app
-        self.policy = policy
+        #: How long a code lives from submission (WeChat's 5 minutes): a job's expiry.
+        self.code_lifetime_seconds = code_lifetime_seconds
         self.clock = clock
-        self._protection = protection
+        #: The keys that decrypt numbers and build lookups (default: this process's settings).
+        #: Resolved now, so a front end without keys where the public development keys are not
+        #: allowed stops when it builds its producer (SettingsError), not on its first read.
+        self.protection = protection or default_protection()
         self._blind_index_key_checked = False
-
-    @property
-    def protection(self) -> DataProtection:
-        """The keys that decrypt numbers and build lookups (default: this process's settings)."""
-        if self._protection is None:
-            self._protection = default_protection()
-        return self._protection
 
     def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
@@ -164,7 +163,7 @@ class Producer:
                 openid=job.openid,
                 fingerprint=None,
                 now=self.clock(),
-                code_lifetime_seconds=self.policy.code_lifetime_seconds,
+                code_lifetime_seconds=self.code_lifetime_seconds,
             )
         # Published only after the row is committed, so a worker always finds its job.
         try:

@@ -42,9 +42,12 @@ class Runtime:
     """Lazily built, process-wide collaborators for one :class:`Settings`."""
 
     def __init__(self, settings: Settings) -> None:
-        # A process serving apps against the real WeChat API refuses to start without its own
-        # encryption, blind-index and fingerprint keys (SettingsError names the variables).
-        settings.require_production_secrets()
+        # Unless the WeChat API base is on loopback (the sandbox) or development mode is on, a
+        # process refuses to start without its own encryption and blind-index keys (SettingsError
+        # names the variables): the public development keys protect nothing. Workers also need
+        # the fingerprint key (checked where they start and where the job policy is built).
+        settings.require_production_secrets(fingerprint_key=False)
+        settings.warn_if_development_mode()
         self.settings = settings
 
     @cached_property
@@ -142,7 +145,7 @@ class Runtime:
     @cached_property
     def job_policy(self) -> JobPolicy:
         return JobPolicy(
-            fingerprint_key=self.settings.fingerprint_key,
+            fingerprint_key=self.settings.field_fingerprint_key(),
             code_lifetime_seconds=self.settings.code_lifetime_seconds,
             retry_backoff_base_seconds=self.settings.retry_backoff_base_seconds,
             retry_backoff_max_seconds=self.settings.retry_backoff_max_seconds,
@@ -158,7 +161,10 @@ class Runtime:
         from worker.producer import Producer
 
         return Producer(
-            sessions=self.sessions, celery_app=app, policy=self.job_policy, protection=self.protection
+            sessions=self.sessions,
+            celery_app=app,
+            code_lifetime_seconds=self.settings.code_lifetime_seconds,
+            protection=self.protection,
         )
 
     def close(self) -> None:

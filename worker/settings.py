@@ -7,10 +7,14 @@ environment wins over ``.env``, which wins over the secrets file. No other modul
 environment or that file: they take a :class:`Settings` (usually from :func:`get_settings`) or the
 plain values it holds.
 
-Against the real WeChat API (``WXPHONE_WECHAT_API_BASE`` = :data:`REAL_WECHAT_API_BASE`),
-placeholder or development secrets are refused; elsewhere (the sandbox), missing encryption and
-blind-index keys fall back to fixed development keys (:data:`DEVELOPMENT_ENCRYPTION_KEYS`,
-:data:`DEVELOPMENT_BLIND_INDEX_KEY`), announced once at WARNING. See ``docs/security.md``.
+Development keys (:data:`DEVELOPMENT_ENCRYPTION_KEYS`, :data:`DEVELOPMENT_BLIND_INDEX_KEY`,
+:data:`DEVELOPMENT_FINGERPRINT_KEY`) are public and protect nothing. They, and placeholder
+secrets, are allowed only when ``WXPHONE_WECHAT_API_BASE`` is on loopback (the sandbox:
+127.0.0.0/8, ::1, localhost) or ``WXPHONE_DEVELOPMENT_MODE`` is on; a development key in use is
+announced once at WARNING. Any other base may be the real WeChat (one of its domains, a gateway,
+a proxy): placeholder secrets are refused when the settings load, and a process that reads or
+writes personal data refuses to start without its own keys (:meth:`Settings.require_production_secrets`).
+See ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -26,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -41,11 +47,17 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "WXPHONE_"
 APPID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-#: The production WeChat API. Against it, placeholder and development secrets are refused.
-REAL_WECHAT_API_BASE = "https://api.weixin.qq.com"
+#: The default WeChat API base (production).
+DEFAULT_WECHAT_API_BASE = "https://api.weixin.qq.com"
+#: WeChat's own API hosts (api, api2, sh.api, sz.api, hk.api, ...) are under this domain: always
+#: real users' data, so development mode is refused against them.
+WECHAT_API_DOMAIN = "weixin.qq.com"
+#: Host names that always mean this machine (besides 127.0.0.0/8 and ::1).
+LOOPBACK_HOST_NAMES = frozenset({"localhost", "localhost."})
 
-#: Development-only keys, used when no key is configured and the WeChat API is not the real one
-#: (the sandbox). They are public (they are in this file), so they protect nothing.
+#: Development-only keys, used when no key is configured and development keys are allowed (the
+#: sandbox on loopback, or development mode). They are public (they are in this file), so they
+#: protect nothing.
 DEVELOPMENT_ENCRYPTION_KEY_VERSION = "dev"
 DEVELOPMENT_ENCRYPTION_KEYS = "dev:d3hwaG9uZS1kZXZlbG9wbWVudC1rZXktbm90LXNlY3I="
 DEVELOPMENT_BLIND_INDEX_KEY = "wxphone-development-blind-index-key"
@@ -90,6 +102,10 @@ ENCRYPTION_KEY_BYTES = 32
 
 #: Variables a secrets file may set, each by its WXPHONE_* name.
 SECRETS_FILE_VARIABLE = "WXPHONE_SECRETS_FILE"
+#: Why secrets are checked strictly, for messages.
+_REAL_DATA_REASON = (
+    "WXPHONE_WECHAT_API_BASE is not on loopback (the sandbox) and WXPHONE_DEVELOPMENT_MODE is off"
+)
 
 TokenMode = Literal["stable", "classic"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -97,6 +113,33 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 class SettingsError(Exception):
     """Raised at start-up when a setting is missing or invalid; the message names the variable."""
+
+
+def url_host(url: str) -> str | None:
+    """The host of ``url``, lower case, without IPv6 brackets (None when it has none)."""
+    return urlsplit(url).hostname or None
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url``'s host is this machine: 127.0.0.0/8, ::1 or ``localhost``.
+
+    Only literal addresses and the name ``localhost`` count: any other name may resolve anywhere.
+    """
+    host = url_host(url)
+    if host is None:
+        return False
+    if host in LOOPBACK_HOST_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wechat_url(url: str) -> bool:
+    """True when ``url``'s host is one of WeChat's own (``*.weixin.qq.com``)."""
+    host = (url_host(url) or "").rstrip(".")
+    return host == WECHAT_API_DOMAIN or host.endswith("." + WECHAT_API_DOMAIN)
 
 
 @dataclass(frozen=True)
@@ -223,10 +266,11 @@ _development_warning_lock = threading.Lock()
 _development_warnings_given: set[str] = set()
 
 
-def _warn_development_key(name: str) -> None:
-    """Say once per process and variable that a development key stands in for ``name``.
+def _warn_once(name: str, message: str, *args: object) -> None:
+    """Log ``message`` at WARNING once per process for ``name``.
 
-    Only once logging is set up (workers, beat): a one-off command's output stays clean.
+    Only once logging is set up (workers, beat, a front end's own logging): a one-off command's
+    output stays clean.
     """
     if not logging.getLogger().handlers:
         return
@@ -234,7 +278,13 @@ def _warn_development_key(name: str) -> None:
         if name in _development_warnings_given:
             return
         _development_warnings_given.add(name)
-    log.warning(
+    log.warning(message, *args)
+
+
+def _warn_development_key(name: str) -> None:
+    """Say once per process and variable that a development key stands in for ``name``."""
+    _warn_once(
+        name,
         "%s is not set: using the built-in DEVELOPMENT key, fine against the sandbox, never for "
         "real data (see docs/security.md)",
         name,
@@ -276,7 +326,10 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/wxphone"
     broker_url: str = "redis://127.0.0.1:6379/0"
     redis_url: str = "redis://127.0.0.1:6379/1"
-    wechat_api_base: str = "https://api.weixin.qq.com"
+    wechat_api_base: str = DEFAULT_WECHAT_API_BASE
+    #: Allow development keys and placeholder secrets against a WeChat API base that is not on
+    #: loopback (a sandbox on another host). Refused against WeChat's own domains.
+    development_mode: bool = False
     apps: Annotated[tuple[AppCredentials, ...], NoDecode] = ()
     token_mode: TokenMode = "stable"
     log_level: LogLevel = "INFO"
@@ -425,8 +478,13 @@ class Settings(BaseSettings):
     @field_validator("wechat_api_base")
     @classmethod
     def _check_api_base(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        parts = urlsplit(value)
+        try:
+            _ = parts.port  # parsed on access: a port that is not a number raises
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -441,63 +499,97 @@ class Settings(BaseSettings):
             raise ValueError(
                 "WXPHONE_ENCRYPTION_KEY_VERSION names a version that WXPHONE_ENCRYPTION_KEYS does not list"
             )
+        if self.development_mode and is_wechat_url(self.wechat_api_base):
+            raise ValueError(
+                f"WXPHONE_DEVELOPMENT_MODE cannot be on while WXPHONE_WECHAT_API_BASE is a WeChat "
+                f"domain (*.{WECHAT_API_DOMAIN}): its replies are real users' data"
+            )
         if not self.uses_real_wechat:
             return self
+        why = _REAL_DATA_REASON
         if any(is_placeholder_secret(app.secret) for app in self.apps):
-            raise ValueError("WXPHONE_APPS holds an empty or placeholder AppSecret (real WeChat API)")
+            raise ValueError(f"WXPHONE_APPS holds an empty or placeholder AppSecret ({why})")
         explicit = self.model_fields_set
         if "fingerprint_key" in explicit and is_placeholder_secret(self.fingerprint_key):
-            raise ValueError("WXPHONE_FINGERPRINT_KEY is a placeholder or development key (real WeChat API)")
+            raise ValueError(f"WXPHONE_FINGERPRINT_KEY is a placeholder or development key ({why})")
         if "blind_index_key" in explicit and is_placeholder_secret(self.blind_index_key):
-            raise ValueError("WXPHONE_BLIND_INDEX_KEY is a placeholder or development key (real WeChat API)")
+            raise ValueError(f"WXPHONE_BLIND_INDEX_KEY is a placeholder or development key ({why})")
         development = {key.key for key in parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS)}
         for key in self.encryption_keys:
             if key.key in development or len(set(key.key)) <= 2:
                 raise ValueError(
-                    f"WXPHONE_ENCRYPTION_KEYS key {key.version} is a development or trivial key "
-                    "(real WeChat API)"
+                    f"WXPHONE_ENCRYPTION_KEYS key {key.version} is a development or trivial key ({why})"
                 )
         return self
 
     @property
-    def uses_real_wechat(self) -> bool:
-        """True when calls go to the production WeChat API (secrets are then checked strictly)."""
-        return self.wechat_api_base.lower() == REAL_WECHAT_API_BASE
+    def api_base_is_loopback(self) -> bool:
+        """True when ``WXPHONE_WECHAT_API_BASE`` is on this machine (the sandbox)."""
+        return is_loopback_url(self.wechat_api_base)
 
     @property
-    def serves_real_wechat(self) -> bool:
-        """True for a process that serves apps against the production WeChat API."""
-        return self.uses_real_wechat and bool(self.apps)
+    def uses_real_wechat(self) -> bool:
+        """True unless development keys are allowed: the API base is not on loopback, so it may be
+        the real WeChat (its domains, a gateway, a proxy), and development mode is off.
 
-    def require_production_secrets(self) -> None:
-        """Raise :class:`SettingsError` when this process serves apps against the real WeChat API
-        without its own keys (no development key may protect real data)."""
-        if not self.serves_real_wechat:
+        Placeholder secrets are then refused, and processes that read or write personal data
+        require their own keys (:meth:`require_production_secrets`).
+        """
+        return not (self.api_base_is_loopback or self.development_mode)
+
+    def warn_if_development_mode(self) -> None:
+        """Log once per process, at WARNING, that development mode lets development keys and
+        placeholder secrets through against a base that is not on loopback."""
+        if self.development_mode and not self.api_base_is_loopback:
+            _warn_once(
+                "WXPHONE_DEVELOPMENT_MODE",
+                "WXPHONE_DEVELOPMENT_MODE is on with a WeChat API base that is not on loopback: "
+                "development keys and placeholder secrets are accepted; never run it with real "
+                "users' data (see docs/security.md)",
+            )
+
+    def require_production_secrets(self, *, fingerprint_key: bool = True) -> None:
+        """Raise :class:`SettingsError` naming the missing variables when development keys are
+        not allowed (:attr:`uses_real_wechat`) and this process has no keys of its own.
+
+        Called at start-up by every process that reads or writes personal data (workers, front
+        ends' producers, the operator commands), whether or not it serves apps. Only workers
+        fingerprint codes: front ends pass ``fingerprint_key=False``.
+        """
+        if not self.uses_real_wechat:
             return
-        missing = [
+        missing = self.unset_key_variables(fingerprint_key=fingerprint_key)
+        if missing:
+            raise SettingsError(
+                f"{', '.join(missing)} must be set: {_REAL_DATA_REASON}, so the public development "
+                "keys may not protect the data (see docs/security.md)"
+            )
+
+    def unset_key_variables(self, *, fingerprint_key: bool = True) -> list[str]:
+        """The key variables this process has no value for (development keys would stand in)."""
+        return [
             name
             for name, unset in (
                 ("WXPHONE_ENCRYPTION_KEYS", not self.encryption_keys),
                 ("WXPHONE_BLIND_INDEX_KEY", not self.blind_index_key),
-                ("WXPHONE_FINGERPRINT_KEY", "fingerprint_key" not in self.model_fields_set),
+                (
+                    "WXPHONE_FINGERPRINT_KEY",
+                    fingerprint_key and "fingerprint_key" not in self.model_fields_set,
+                ),
             )
             if unset
         ]
-        if missing:
-            raise SettingsError(
-                f"{', '.join(missing)} must be set when serving apps against {REAL_WECHAT_API_BASE} "
-                "(see docs/security.md)"
-            )
 
     def field_encryption_keys(self) -> tuple[tuple[EncryptionKey, ...], str]:
         """The keys of the field cipher and the version new writes use.
 
-        Without configured keys: the development key, unless this process serves apps against
-        the real WeChat API (then :class:`SettingsError`).
+        Without configured keys: the development key if development keys are allowed, else
+        :class:`SettingsError`.
         """
         keys = self.encryption_keys
         if not keys:
             self.require_production_secrets()
+            self.warn_if_development_mode()
             _warn_development_key("WXPHONE_ENCRYPTION_KEYS")
             keys = parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS)
         version = self.encryption_key_version
@@ -510,8 +602,18 @@ class Settings(BaseSettings):
         if self.blind_index_key:
             return self.blind_index_key
         self.require_production_secrets()
+        self.warn_if_development_mode()
         _warn_development_key("WXPHONE_BLIND_INDEX_KEY")
         return DEVELOPMENT_BLIND_INDEX_KEY
+
+    def field_fingerprint_key(self) -> str:
+        """The HMAC key of code fingerprints (development key as for encryption)."""
+        if "fingerprint_key" in self.model_fields_set:
+            return self.fingerprint_key
+        self.require_production_secrets()
+        self.warn_if_development_mode()
+        _warn_development_key("WXPHONE_FINGERPRINT_KEY")
+        return DEVELOPMENT_FINGERPRINT_KEY
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

@@ -22,10 +22,8 @@ from tests.support.faults import (
     submit_jobs,
     wait_until_terminal,
 )
-from tests.support.pipeline import APPS, Pipeline
+from tests.support.pipeline import APPS, Pipeline, producer_with_policy
 from tests.support.waiting import wait_for
-from worker.jobs.phone import JobPolicy
-from worker.producer import Producer
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.faults
@@ -34,24 +32,10 @@ APP_A = sorted(APPS)[0]
 CODE_LIFETIME_SECONDS = 3
 
 
-@pytest.mark.parametrize(
-    "front_end_fingerprint_key",
-    [
-        pytest.param(None, id="front-end-with-the-workers-key"),
-        # Front ends need no fingerprint key; one configured with another key changes nothing.
-        pytest.param("a-front-end-key-of-its-own-0001", id="front-end-with-another-key"),
-    ],
-)
-def test_the_sweep_closes_jobs_whose_worker_and_message_are_gone(
-    pipeline: Pipeline, front_end_fingerprint_key: str | None
-) -> None:
+def test_the_sweep_closes_jobs_whose_worker_and_message_are_gone(pipeline: Pipeline) -> None:
     settings = load_settings(**FAST_SETTINGS)
     pipeline.settings.update(FAST_SETTINGS)
-    policy = JobPolicy(
-        fingerprint_key=front_end_fingerprint_key or pipeline.producer.policy.fingerprint_key,
-        code_lifetime_seconds=CODE_LIFETIME_SECONDS,
-    )
-    producer = Producer(sessions=pipeline.sessions, celery_app=pipeline.celery, policy=policy)
+    producer = producer_with_policy(pipeline, code_lifetime_seconds=CODE_LIFETIME_SECONDS)
     # WeChat consumes the code at once and holds the reply: the worker dies mid-exchange.
     pipeline.sandbox.inject_fault("phone", latency_ms=8000, timing="after")
     doomed = pipeline.start_worker("doomed", concurrency=1, pool="threads")

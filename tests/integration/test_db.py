@@ -208,7 +208,10 @@ def test_forked_worker_process_opens_its_own_connection(
     engine's pooled connections; without it the engine's own per-process check must still keep
     the child off the parent's connection.
     """
-    process_runtime = runtime.Runtime(Settings(database_url=migrated_url))
+    # On loopback (a sandbox's base): the development keys stand in, as for any test worker.
+    process_runtime = runtime.Runtime(
+        Settings(database_url=migrated_url, wechat_api_base="http://127.0.0.1:9")
+    )
     monkeypatch.setattr(runtime, "_runtime", process_runtime)
     engine = process_runtime.engine
     parent_backend = backend_pid(engine)  # leaves a connection idle in the inherited pool

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -71,3 +73,84 @@ def test_doctor_passes_a_healthy_deployment_and_fails_each_broken_part(
         durable.stop()
         volatile.stop()
         drop_database(empty_database)
+
+
+def test_doctor_requires_persistence_and_noeviction_on_the_token_store_redis(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    """The token store (WXPHONE_REDIS_URL) holds fence counters, the force-refresh budget, 45009
+    circuits and the RedBeat lock: losing them on a restart is as bad as losing the queue."""
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    volatile = RedisServer(tmp_path / "volatile", appendonly=False)
+    durable.start()
+    volatile.start()
+    try:
+        healthy = {
+            "apps": "wxdoctor00000001:doctor-secret-1",
+            "broker_url": durable.url(0),
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+            "wechat_api_base": "http://127.0.0.1:9",
+        }
+        code, findings = run_doctor(**healthy)
+        assert code == 0, findings
+        assert findings["token store persistence"]["verdict"] == "ok"
+        assert findings["token store eviction"]["verdict"] == "ok"
+
+        code, findings = run_doctor(**{**healthy, "redis_url": volatile.url(1)})
+        assert code == 1
+        assert findings["broker persistence"]["verdict"] == "ok"
+        assert findings["token store persistence"]["verdict"] == "fail"
+        assert "appendonly" in findings["token store persistence"]["detail"]
+
+        with volatile.client() as conn:
+            conn.config_set("appendonly", "yes")
+            conn.config_set("maxmemory-policy", "volatile-lru")
+        code, findings = run_doctor(**{**healthy, "redis_url": volatile.url(1)})
+        assert code == 1
+        assert findings["token store persistence"]["verdict"] == "ok"
+        assert findings["token store eviction"]["verdict"] == "fail"
+    finally:
+        durable.stop()
+        volatile.stop()
+
+
+def test_doctor_names_missing_keys_wherever_development_keys_are_not_allowed(
+    tmp_path: Path, migrated_database_url: str
+) -> None:
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    durable.start()
+    try:
+        base = {
+            "apps": "wxdoctor00000001:a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6",
+            "broker_url": durable.url(0),
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+        }
+        # A gateway may lead to the real WeChat: the keys are required.
+        code, findings = run_doctor(**base, wechat_api_base="https://wechat-gw.internal.example")
+        assert code == 1
+        assert findings["keys"]["verdict"] == "fail"
+        for name in ("WXPHONE_ENCRYPTION_KEYS", "WXPHONE_BLIND_INDEX_KEY", "WXPHONE_FINGERPRINT_KEY"):
+            assert name in findings["keys"]["detail"]
+
+        keys = {
+            "encryption_keys": "v1:" + base64.b64encode(os.urandom(32)).decode(),
+            "blind_index_key": "blind-index-key-0123456789abcdef",
+            "fingerprint_key": "fingerprint-key-0123456789abcdef",
+        }
+        code, findings = run_doctor(**base, **keys, wechat_api_base="https://api2.weixin.qq.com")
+        assert code == 0, findings
+        assert findings["keys"]["verdict"] == "ok"
+        assert findings["WeChat API"]["verdict"] == "ok"
+
+        # Development mode: the development keys are accepted, and doctor says so.
+        code, findings = run_doctor(
+            **base, wechat_api_base="http://sandbox.internal.example:8780", development_mode="true"
+        )
+        assert code == 0, findings
+        assert findings["keys"]["verdict"] == "warn"
+        assert findings["WeChat API"]["verdict"] == "warn"
+        assert "WXPHONE_DEVELOPMENT_MODE" in findings["WeChat API"]["detail"]
+    finally:
+        durable.stop()

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from typing import Any
 
+import redis
 from sqlalchemy import text
 
-from tests.support.pipeline import APPS, FAST_RETRY_SETTINGS, FINGERPRINT_KEY, Pipeline, endpoint_counts
+from tests.support.pipeline import (
+    APPS,
+    DEVELOPMENT_PROTECTION,
+    FAST_RETRY_SETTINGS,
+    FINGERPRINT_KEY,
+    Pipeline,
+    endpoint_counts,
+)
+from tests.support.waiting import wait_for
 from worker.jobs.login import LoginOutcome, login_user
 from worker.jobs.phone import JobPolicy
 from worker.settings import AppCredentials
@@ -131,6 +141,7 @@ def test_a_login_run_again_after_it_succeeded_returns_the_user_without_a_second_
             client=client,
             apps={APPID: AppCredentials(APPID, APPS[APPID])},
             policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
+            protection=DEVELOPMENT_PROTECTION,
             task_id=task_id,
         )
 
@@ -147,3 +158,38 @@ def test_a_login_run_again_after_it_succeeded_returns_the_user_without_a_second_
     assert run(str(uuid.uuid4())).error_code == "invalid_code"
     assert endpoint_counts(pipeline.sandbox, "login").calls == 2
     client.close()
+
+
+def test_a_45011_on_one_users_login_delays_only_that_login(pipeline: Pipeline) -> None:
+    """code2Session's minute quota is per user (100 calls per user per minute): one user's 45011
+    must not hold back the app's other logins until the minute ends."""
+    window_seconds = 20.0
+    pipeline.settings.update(rate_limit_window_seconds=window_seconds)
+    pipeline.start_worker()
+    flooding_code, flooding_openid = pipeline.sandbox.mint_login_code(APPID, openid="oLoginFlooding01")
+    other_code, other_openid = pipeline.sandbox.mint_login_code(APPID, openid="oLoginOtherUser1")
+    # Start early in a window (windows are aligned to the epoch, like WeChat's minutes), so that
+    # the other user's login has most of the window to finish in.
+    remaining = window_seconds - time.time() % window_seconds
+    if remaining < 12:
+        time.sleep(remaining + 0.1)
+    window_ends_at = time.time() + (window_seconds - time.time() % window_seconds)
+
+    pipeline.sandbox.inject_fault("login", errcode=45011)
+    flooding = pipeline.celery.AsyncResult(pipeline.send_by_name(LOGIN, appid=APPID, js_code=flooding_code))
+    wait_for(
+        lambda: endpoint_counts(pipeline.sandbox, "login").errcodes.get("45011") == 1,
+        timeout_seconds=10,
+        what="the 45011",
+    )
+    other = pipeline.celery.AsyncResult(pipeline.send_by_name(LOGIN, appid=APPID, js_code=other_code))
+    assert other.get(timeout=max(1.0, window_ends_at - time.time() - 1))["openid"] == other_openid
+    assert time.time() < window_ends_at  # it did not wait for the window
+    assert not flooding.ready()  # the login that met the 45011 waits for the next minute
+    with redis.Redis.from_url(pipeline.redis_url) as store:
+        assert store.keys("wxphone:pause:*") == []  # no pause of the app's logins
+
+    # Then the delayed login runs again in the next window and succeeds.
+    assert flooding.get(timeout=window_seconds + 10)["openid"] == flooding_openid
+    calls = endpoint_counts(pipeline.sandbox, "login")
+    assert (calls.calls, calls.errcodes) == (3, {"0": 2, "45011": 1})

@@ -108,7 +108,6 @@ def test_a_publish_that_raised_after_the_message_landed_does_not_fail_the_finish
     producer = Producer(
         sessions=pipeline.sessions,
         celery_app=_PublishThenRaise(pipeline),
-        policy=pipeline.producer.policy,
         protection=pipeline.producer.protection,
     )
     code = pipeline.sandbox.mint_phone_code(APPID, pure_phone_number="13622223333")

@@ -12,9 +12,8 @@ import redis
 from celery import Celery
 from sqlalchemy import text
 
-from tests.support.pipeline import FINGERPRINT_KEY, Pipeline, phone_job_row
+from tests.support.pipeline import Pipeline, phone_job_row
 from tests.support.services import free_port
-from worker.jobs.phone import JobPolicy
 from worker.jobs.validation import InvalidInputError
 from worker.producer import Producer, PublishError, UserView
 
@@ -129,7 +128,9 @@ def test_a_job_the_broker_cannot_take_is_marked_failed(pipeline: Pipeline) -> No
     # A broker nobody listens on (no result backend: the publish itself must fail).
     unreachable = Celery("frontend", broker=f"redis://127.0.0.1:{free_port()}/0")
     producer = Producer(
-        sessions=pipeline.sessions, celery_app=unreachable, policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY)
+        sessions=pipeline.sessions,
+        celery_app=unreachable,
+        protection=pipeline.producer.protection,
     )
     try:
         with pytest.raises(PublishError) as raised:

@@ -16,13 +16,11 @@ from sqlalchemy.exc import DBAPIError
 
 from tests.support.pipeline import (
     FAST_RETRY_SETTINGS,
-    FINGERPRINT_KEY,
     Pipeline,
     run_cli,
     user_row,
 )
 from worker.crypto import BlindIndex, DataProtection, FieldCipher, users_context
-from worker.jobs.phone import JobPolicy
 from worker.producer import Producer
 from worker.settings import parse_encryption_keys
 
@@ -186,7 +184,6 @@ def keyed_producer(pipeline: Pipeline, keys: str, version: str) -> Producer:
     return Producer(
         sessions=pipeline.sessions,
         celery_app=pipeline.celery,
-        policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
         protection=protection,
     )
 

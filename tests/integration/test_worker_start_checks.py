@@ -60,7 +60,6 @@ def test_a_front_end_with_another_blind_index_key_refuses_lookups(pipeline: Pipe
     mismatched = Producer(
         sessions=pipeline.sessions,
         celery_app=pipeline.celery,
-        policy=pipeline.producer.policy,
         protection=DataProtection(
             cipher=pipeline.producer.protection.cipher,
             blind_index=BlindIndex("a-blind-index-key-nobody-else-has"),

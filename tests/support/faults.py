@@ -28,8 +28,7 @@ from typing import Any
 import requests
 from sqlalchemy import text
 
-from tests.support.pipeline import APPS, FINGERPRINT_KEY, Pipeline, plain_celery_client
-from worker.jobs.phone import JobPolicy
+from tests.support.pipeline import APPS, Pipeline, plain_celery_client
 from worker.producer import Producer
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import WeChatInvalidCodeError
@@ -394,7 +393,6 @@ def private_broker(pipeline: Pipeline, broker_url: str, redis_url: str) -> Itera
     pipeline.producer = Producer(
         sessions=pipeline.sessions,
         celery_app=celery,
-        policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY),
         protection=original[3].protection,
     )
     try:

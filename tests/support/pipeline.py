@@ -19,13 +19,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.processes import WXPHONE, ManagedProcess, base_environment, beat_process, worker_process
 from tests.support.waiting import wait_for
+from worker.crypto import BlindIndex, DataProtection, FieldCipher
 from worker.db import make_engine, session_factory
-from worker.jobs.phone import JobPolicy
 from worker.producer import JobView, Producer
 from worker.sandbox.admin import SandboxAdmin
+from worker.settings import (
+    DEVELOPMENT_BLIND_INDEX_KEY,
+    DEVELOPMENT_ENCRYPTION_KEY_VERSION,
+    DEVELOPMENT_ENCRYPTION_KEYS,
+    parse_encryption_keys,
+)
 
 APPS: dict[str, str] = {"wxpipeline000001": "pipeline-secret-1", "wxpipeline000002": "pipeline-secret-2"}
 FINGERPRINT_KEY = "pipeline-test-fingerprint-key"
+#: The keys of the tests' workers: they run against the sandbox on loopback without keys of their
+#: own, so they use the development keys. The test process reads their rows with the same ones
+#: (its own settings point at the real WeChat, where development keys are refused).
+DEVELOPMENT_PROTECTION = DataProtection(
+    cipher=FieldCipher(
+        parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS), DEVELOPMENT_ENCRYPTION_KEY_VERSION
+    ),
+    blind_index=BlindIndex(DEVELOPMENT_BLIND_INDEX_KEY),
+)
 TERMINAL = {"succeeded", "failed"}
 
 
@@ -135,7 +150,6 @@ def running_pipeline(
     }
     sessions = session_factory(engine)
     celery = plain_celery_client(broker_url)
-    policy = JobPolicy(fingerprint_key=FINGERPRINT_KEY)
     pipeline = Pipeline(
         database_url=database_url,
         broker_url=broker_url,
@@ -146,7 +160,7 @@ def running_pipeline(
         engine=engine,
         sessions=sessions,
         celery=celery,
-        producer=Producer(sessions=sessions, celery_app=celery, policy=policy),
+        producer=Producer(sessions=sessions, celery_app=celery, protection=DEVELOPMENT_PROTECTION),
     )
     try:
         yield pipeline
@@ -205,13 +219,14 @@ def user_row(pipeline: Pipeline, appid: str, openid: str) -> dict[str, Any] | No
     return dict(row) if row is not None else None
 
 
-def producer_with_policy(pipeline: Pipeline, **policy: Any) -> Producer:
-    """A producer on the pipeline's database and broker with its own :class:`JobPolicy` timing
-    (``code_lifetime_seconds=...``): a job's code expiry is fixed by whoever records it first."""
+def producer_with_policy(pipeline: Pipeline, *, code_lifetime_seconds: float) -> Producer:
+    """A producer on the pipeline's database and broker with its own code lifetime: a job's code
+    expiry is fixed by whoever records it first."""
     return Producer(
         sessions=pipeline.sessions,
         celery_app=pipeline.celery,
-        policy=JobPolicy(fingerprint_key=FINGERPRINT_KEY, **policy),
+        code_lifetime_seconds=code_lifetime_seconds,
+        protection=DEVELOPMENT_PROTECTION,
     )
 
 

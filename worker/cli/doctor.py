@@ -17,7 +17,7 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def doctor_command(as_json: bool) -> None:
-    """Check broker, Redis persistence and eviction, database schema, apps and WeChat base URL."""
+    """Check both Redis roles (persistence, eviction), database schema, apps, WeChat base URL and keys."""
     findings = run_checks(get_settings())
     if as_json:
         click.echo(json.dumps([finding.__dict__ for finding in findings], indent=2))

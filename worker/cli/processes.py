@@ -30,6 +30,9 @@ def worker_command(
     Extra arguments after ``--`` go to ``celery worker`` unchanged.
     """
     settings = get_settings()
+    # Before Celery starts: a worker reads and writes personal data, so without its own keys where
+    # the public development keys are not allowed it stops here, naming the variables.
+    settings.require_production_secrets()
     from worker.app import app  # imported late: loading it reads the settings
 
     argv = [

@@ -38,6 +38,7 @@ from redis.retry import Retry
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from worker.crypto import DataProtection
 from worker.db import make_engine, session_factory, upgrade_to_head
 from worker.demo.frontends import FrontEnds
 from worker.demo.lock import DemoLock, DemoLockHeldError
@@ -53,7 +54,6 @@ from worker.demo.report import (
 )
 from worker.demo.scenario import DEMO_APPS, FaultStep, build_plan, fault_schedule
 from worker.errors import WxphoneError
-from worker.jobs.phone import JobPolicy
 from worker.localservices import (
     NotInstalledError,
     PostgresInstance,
@@ -605,10 +605,13 @@ def _run(
     celery_app = Celery("wxphone-demo-frontend", broker=backing.broker_url, backend=backing.broker_url)
     celery_app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
     stack.callback(celery_app.close)
+    # The demo reads numbers back with its processes' keys: the user's settings against the
+    # sandbox on loopback (development keys unless the user set keys of their own).
+    against_sandbox = settings.model_copy(update={"wechat_api_base": processes.sandbox_url})
     producer = Producer(
         sessions=session_factory(engine),
         celery_app=celery_app,
-        policy=JobPolicy(fingerprint_key=DEMO_FINGERPRINT_KEY),
+        protection=DataProtection.from_settings(against_sandbox),
     )
 
     plan = build_plan(options.jobs, appids, seed=options.seed)

@@ -6,7 +6,15 @@ row to ``exchange_audit``; a successful call's row is committed with the user ro
 
 A login code can be exchanged once. A task that runs again after its login succeeded (its message
 redelivered because the worker died before acknowledging it) finds its own successful audit row
-and returns the recorded user instead of presenting the spent code to WeChat again.
+and returns the recorded user instead of presenting the spent code to WeChat again. Once
+code2Session has answered, the code is spent and the session_key exists nowhere else, so the user
+write is retried in-process while PostgreSQL is unreachable instead of running the task again.
+
+Retries (at most :data:`MAX_LOGIN_ATTEMPTS` runs, well inside the code's 5-minute life) follow the
+failure: WeChat busy or unreachable, or the fleet's limits store (Redis) unreachable before the
+call, back off exponentially; a 45011 waits for the next minute. code2Session's 45011 is a
+per-user limit (100 calls per user per minute), so it delays only the login that met it and never
+pauses the app's other logins.
 """
 
 from __future__ import annotations
@@ -28,10 +36,17 @@ from models import ExchangeAudit, User
 from models.exchange_audit import AuditApi, AuditOutcome
 from worker.audit import AuditEntry, append_rows, audit_row, clean_caller, record_exchange
 from worker.crypto import DataProtection, default_protection, row_key_version, users_context
+from worker.db import retry_while_unreachable
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
 from worker.jobs.phone import JobPolicy
 from worker.jobs.validation import code_fingerprint, validate_login
-from worker.limits import API_LOGIN, CallGate, CircuitOpenError, LocallyRateLimitedError
+from worker.limits import (
+    API_LOGIN,
+    CallGate,
+    CircuitOpenError,
+    LocallyRateLimitedError,
+    seconds_to_window_end,
+)
 from worker.settings import AppCredentials
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import WeChatQuotaExhaustedError, WeChatRateLimitedError
@@ -105,6 +120,9 @@ def login_user(
         )
     except CircuitOpenError as error:
         return LoginOutcome("failed", error.error_code, appid=login.appid)
+    except RetryLaterError as error:
+        # The limits store (Redis) is unreachable: no call was made, so try again later.
+        return _retry_or_fail(error, login.appid, attempt, policy)
     audit = AuditEntry(
         AuditApi.LOGIN,
         login.appid,
@@ -126,13 +144,46 @@ def login_user(
     session_key = cipher.encrypt(
         result.session_key, context=users_context("session_key", login.appid, result.openid)
     )
-    with sessions.begin() as session:
-        statement = insert(User).values(
+
+    def write() -> None:
+        _record_user(
+            sessions,
             appid=login.appid,
             openid=result.openid,
             unionid=result.unionid,
             session_key_encrypted=session_key,
-            encryption_key_version=cipher.current_version,
+            key_version=cipher.current_version,
+            audit=succeeded,
+        )
+
+    # The code is spent: running the task again would present it a second time (40029).
+    retry_while_unreachable(
+        write,
+        retry_seconds=policy.final_write_retry_seconds,
+        what="a login",
+        log_extra={"task_id": task_id},
+    )
+    return LoginOutcome("succeeded", None, appid=login.appid, openid=result.openid, unionid=result.unionid)
+
+
+def _record_user(
+    sessions: sessionmaker[Session],
+    *,
+    appid: str,
+    openid: str,
+    unionid: str | None,
+    session_key_encrypted: str,
+    key_version: str,
+    audit: dict[str, object],
+) -> None:
+    """Upsert the user with its encrypted session_key and the call's audit row, in one transaction."""
+    with sessions.begin() as session:
+        statement = insert(User).values(
+            appid=appid,
+            openid=openid,
+            unionid=unionid,
+            session_key_encrypted=session_key_encrypted,
+            encryption_key_version=key_version,
         )
         statement = statement.on_conflict_do_update(
             index_elements=[User.appid, User.openid],
@@ -148,8 +199,7 @@ def login_user(
         )
         session.execute(statement)
         # In the user's transaction: a successful audit row means the user row is there too.
-        append_rows(session, [succeeded])
-    return LoginOutcome("succeeded", None, appid=login.appid, openid=result.openid, unionid=result.unionid)
+        append_rows(session, [audit])
 
 
 def _earlier_success(
@@ -180,19 +230,27 @@ def _failed_call(
 ) -> LoginOutcome:
     """The outcome of a code2Session call that raised ``error``."""
     if isinstance(error, RetryLaterError):
-        if isinstance(error, WeChatRateLimitedError) and gate is not None:
-            with suppress(RetryLaterError):
-                gate.pause_until_window_end(appid, API_LOGIN)
-        if attempt >= MAX_LOGIN_ATTEMPTS:
-            return LoginOutcome("failed", "upstream_unavailable", appid=appid)
-        delay = min(policy.retry_backoff_max_seconds, policy.retry_backoff_base_seconds * 2 ** (attempt - 1))
-        log.info("login retries: %s", error)
-        return LoginOutcome(
-            "retrying", error.error_code, appid=appid, retry_in_seconds=delay * random.uniform(0.5, 1.0)
-        )
+        # No pause of the app's logins on a 45011: code2Session's minute quota is per user.
+        return _retry_or_fail(error, appid, attempt, policy)
     if isinstance(error, WeChatQuotaExhaustedError) and gate is not None:
         with suppress(RetryLaterError):
             gate.open_circuit(appid, API_LOGIN)
     if isinstance(error, OperatorActionRequiredError):
         log.error("login needs an operator: %s", error)
     return LoginOutcome("failed", error.error_code, appid=appid)
+
+
+def _retry_or_fail(error: RetryLaterError, appid: str, attempt: int, policy: JobPolicy) -> LoginOutcome:
+    """Run again later, or fail ``upstream_unavailable`` after :data:`MAX_LOGIN_ATTEMPTS` runs."""
+    if attempt >= MAX_LOGIN_ATTEMPTS:
+        log.warning("login gave up after %d attempts: %s", attempt, error)
+        return LoginOutcome("failed", "upstream_unavailable", appid=appid)
+    if isinstance(error, WeChatRateLimitedError):
+        # 45011: this user's minute is used up; try in the next one.
+        window_end = seconds_to_window_end(policy.rate_limit_window_seconds, time.time())
+        delay = window_end + random.uniform(0.0, 2.0)
+    else:
+        backoff = policy.retry_backoff_base_seconds * 2 ** (attempt - 1)
+        delay = min(policy.retry_backoff_max_seconds, backoff) * random.uniform(0.5, 1.0)
+    log.info("login retries in %.1fs: %s", delay, error)
+    return LoginOutcome("retrying", error.error_code, appid=appid, retry_in_seconds=delay)

@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import Boolean, ColumnElement, CursorResult, Engine, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models import CodeClaim, PhoneJob
@@ -60,7 +60,7 @@ from worker.crypto import (
     mask_phone_number,
     users_context,
 )
-from worker.db import autocommit, is_transient_database_error
+from worker.db import autocommit, is_transient_database_error, retry_while_unreachable
 from worker.errors import (
     OperatorActionRequiredError,
     RequestRejectedError,
@@ -894,19 +894,12 @@ class _JobRun:
         Only used after the code was exchanged: the number exists nowhere else, so a short
         database outage must not turn a success into a loss.
         """
-        deadline = time.monotonic() + self.policy.final_write_retry_seconds
-        delay = 0.2
-        while True:
-            try:
-                return write()
-            except (OperationalError, DBAPIError) as error:
-                if not _is_disconnect(error) or time.monotonic() >= deadline:
-                    raise
-                log.warning(
-                    "database unreachable while recording a result; retrying", extra={"job_id": self.job_id}
-                )
-                time.sleep(delay)
-                delay = min(2.0, delay * 2)
+        return retry_while_unreachable(
+            write,
+            retry_seconds=self.policy.final_write_retry_seconds,
+            what="a result",
+            log_extra={"job_id": self.job_id},
+        )
 
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
@@ -929,10 +922,6 @@ _CLAIM_TERMINAL = {CodeClaimStatus.SUCCEEDED.value, CodeClaimStatus.FAILED.value
 def _jitter(seconds: float) -> float:
     """Full-range jitter between half and all of ``seconds`` so retries do not synchronise."""
     return seconds * random.uniform(0.5, 1.0)
-
-
-def _is_disconnect(error: DBAPIError) -> bool:
-    return bool(error.connection_invalidated) or isinstance(error, OperationalError)
 
 
 def _protect(info: PhoneInfo, *, appid: str, openid: str, protection: DataProtection) -> PhoneFields:
