@@ -56,7 +56,9 @@ class JobRequest(Request):  # type: ignore[misc]
     the job over at once instead of waiting for the dead child's lease to lapse."""
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
-        if isinstance(exc_info.exception, WorkerLostError) and self.worker_pid:
+        # The pool hands the exception over wrapped (billiard's ExceptionWithTraceback).
+        error = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(error, WorkerLostError) and self.worker_pid:
             try:
                 release_dead_runners(get_runtime().redis, self.worker_pid)
             except redis.RedisError:
