@@ -50,9 +50,9 @@ def _refuse_to_start_misconfigured(**_: Any) -> None:
     # names the variables, or the command to run: ``wxphone db upgrade``). Celery logs and
     # swallows an Exception raised by a signal handler and starts anyway; SystemExit stops it.
     try:
+        get_settings().require_production_secrets()  # all three keys: workers fingerprint codes
         runtime = get_runtime()
         settings = runtime.settings
-        settings.require_production_secrets()
         check_schema_at_head(runtime.engine)
         verify_shared_key(runtime.engine, "fingerprint_key", settings.fingerprint_key, record=True)
         verify_shared_key(runtime.engine, "blind_index_key", settings.field_blind_index_key(), record=True)

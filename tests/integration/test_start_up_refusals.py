@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from tests.conftest import RedisUrls
 from tests.support.processes import WXPHONE, ManagedProcess, base_environment
 from tests.support.services import create_database, drop_database
 from tests.support.waiting import wait_for
+from worker.db import make_engine
 
 REAL_SECRET = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
 COMMANDS = {
@@ -89,6 +91,8 @@ def test_a_worker_in_development_mode_off_loopback_starts_and_warns(
         redis_url=redis_urls.redis_url,
         database_url=migrated_database_url,
     )
+    # The session database's shared-key checks were recorded by other tests' workers.
+    forget_key_checks(migrated_database_url)
     process = ManagedProcess("worker", COMMANDS["wxphone worker"], env, log_dir / "worker.log").start()
     try:
         process.wait_for_output("ready.", timeout_seconds=60)
@@ -98,3 +102,12 @@ def test_a_worker_in_development_mode_off_loopback_starts_and_warns(
         assert len(warnings) == 1 and " WARNING " in warnings[0], warnings
     finally:
         process.stop()
+
+
+def forget_key_checks(database_url: str) -> None:
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("TRUNCATE key_checks"))
+    finally:
+        engine.dispose()
