@@ -63,6 +63,13 @@ BROKER_MAX_CONNECTIONS = 512
 broker_pool_limit = BROKER_MAX_CONNECTIONS
 redis_max_connections = BROKER_MAX_CONNECTIONS
 
+#: No ``retry_on_timeout`` (nor any other redis-py command retry) on broker connections: with it,
+#: redis-py retries a failed read of kombu's pub/sub connection on a fresh connection that kombu
+#: never re-subscribed (kombu ``MultiChannelPoller._client_registered`` bypasses redis-py's
+#: re-subscribe callback), and since redis-py 8.0.1 (redis/redis-py#4119) that blocking read has
+#: no timeout: a worker whose connections were cut waited there for ever, consuming nothing and
+#: logging nothing. Without a retry the read raises, and Celery restarts the consumer (and says
+#: so). docs/reliability.md, "Broker connection loss".
 broker_transport_options: dict[str, Any] = {
     "max_connections": BROKER_MAX_CONNECTIONS,
     "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
@@ -72,7 +79,6 @@ broker_transport_options: dict[str, Any] = {
     "socket_connect_timeout": 5,
     "socket_keepalive": True,
     "health_check_interval": 25,
-    "retry_on_timeout": True,
 }
 result_backend_transport_options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
 visibility_timeout = VISIBILITY_TIMEOUT_SECONDS

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.broker import BrokerConnectionWatch
 from worker.db import check_schema_at_head
 from worker.logs import configure_logging
 from worker.runtime import get_runtime, reset_runtime
@@ -14,6 +15,8 @@ from worker.settings import get_settings
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
 app.conf.include = ["worker.tokens.tasks", "worker.jobs.tasks"]
+# One WARNING line when kombu silently re-opens the connection the worker consumes on.
+app.steps["consumer"].add(BrokerConnectionWatch)
 
 
 @signals.setup_logging.connect
