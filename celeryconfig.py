@@ -63,16 +63,33 @@ BROKER_MAX_CONNECTIONS = 512
 broker_pool_limit = BROKER_MAX_CONNECTIONS
 redis_max_connections = BROKER_MAX_CONNECTIONS
 
+#: Workers look for unacknowledged messages older than the visibility timeout every this often
+#: (kombu's default scans every 10 s x 10 = 100 s).
+UNACKED_RESTORE_INTERVAL_SECONDS = 5
+#: The restore scan runs under a lock in Redis that expires after this long. A worker killed
+#: mid-scan leaves the lock behind, and no worker restores anything until it expires: kombu's
+#: 300 s would hold a dead worker's messages back for up to 5 minutes, a code's whole life. Two
+#: overlapping scans are harmless (each message is restored in a WATCH transaction, once), so
+#: the lock only needs to outlast an ordinary scan (milliseconds).
+UNACKED_MUTEX_EXPIRE_SECONDS = 10
+
+#: No ``retry_on_timeout`` (nor any other redis-py command retry) on broker connections: with it,
+#: redis-py retries a failed read of kombu's pub/sub connection on a fresh connection that kombu
+#: never re-subscribed (kombu ``MultiChannelPoller._client_registered`` bypasses redis-py's
+#: re-subscribe callback), and since redis-py 8.0.1 (redis/redis-py#4119) that blocking read has
+#: no timeout: a worker whose connections were cut waited there for ever, consuming nothing and
+#: logging nothing. Without a retry the read raises, and Celery restarts the consumer (and says
+#: so). docs/reliability.md, "Broker connection loss".
 broker_transport_options: dict[str, Any] = {
     "max_connections": BROKER_MAX_CONNECTIONS,
     "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-    "unacked_restore_interval": 5,
+    "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_SECONDS,
     "unacked_restore_throttle": 1,
+    "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_SECONDS,
     "socket_timeout": 10,
     "socket_connect_timeout": 5,
     "socket_keepalive": True,
     "health_check_interval": 25,
-    "retry_on_timeout": True,
 }
 result_backend_transport_options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
 visibility_timeout = VISIBILITY_TIMEOUT_SECONDS

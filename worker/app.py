@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.broker import BrokerConnectionWatch
 from worker.db import SchemaNotAtHeadError, check_schema_at_head
 from worker.keychecks import verify_shared_key
 from worker.logs import configure_logging
@@ -15,6 +16,8 @@ from worker.settings import SettingsError, get_settings
 app = Celery("wxphone")
 app.config_from_object("celeryconfig")
 app.conf.include = ["worker.tokens.tasks", "worker.jobs.tasks"]
+# One WARNING line when kombu silently re-opens the connection the worker consumes on.
+app.steps["consumer"].add(BrokerConnectionWatch)
 
 
 @signals.setup_logging.connect

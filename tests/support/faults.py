@@ -17,6 +17,7 @@ loss is counted in ``phone_jobs.lost_replies``); no user record is written twice
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 from sqlalchemy import text
 
@@ -42,7 +44,9 @@ __all__ = [
     "assert_all_terminal_and_correct",
     "assert_codes_match_outcomes",
     "assert_wechat_calls_accounted",
+    "broker_task_ids",
     "count_in",
+    "jobs_without_message",
     "pool_children",
     "print_recovery",
     "private_broker",
@@ -188,6 +192,47 @@ def wait_until_terminal(
 def print_recovery(scenario: str, seconds: float, detail: str = "") -> None:
     """One line per scenario, collected by ``pytest -s`` or shown with the test's output."""
     print(f"\n[recovery] {scenario}: {seconds:.1f}s{'; ' + detail if detail else ''}")
+
+
+# -- the broker: where each job's message is --------------------------------------------------
+
+#: The job queue and kombu's Redis keys for unacknowledged messages (``kombu.transport.redis``
+#: defaults, which wxphone keeps).
+JOB_QUEUE_KEY = "wxphone"
+UNACKED_KEY = "unacked"
+
+
+def _task_id(message: dict[str, Any]) -> str:
+    return str(message["headers"]["id"])
+
+
+def broker_task_ids(broker_url: str) -> set[str]:
+    """Task ids of the messages Redis holds for the job queue: waiting in it, or delivered and not
+    yet acknowledged (which kombu restores after the visibility timeout). A phone job's task id
+    is its job id."""
+    with redis.Redis.from_url(broker_url) as broker:
+        waiting = broker.lrange(JOB_QUEUE_KEY, 0, -1)
+        unacked = broker.hvals(UNACKED_KEY)
+    # A queued message is its JSON; an unacknowledged one is stored as [message, exchange, routing key].
+    return {_task_id(json.loads(raw)) for raw in waiting} | {_task_id(json.loads(raw)[0]) for raw in unacked}
+
+
+def jobs_without_message(pipeline: Pipeline, jobs: Sequence[SubmittedJob]) -> list[SubmittedJob]:
+    """Open jobs whose message Redis no longer holds anywhere: taken off the queue by a worker's
+    ``BRPOP`` that died before recording it as unacknowledged. Nothing can redeliver those; the
+    sweep closes them once their code has expired."""
+    held = broker_task_ids(pipeline.broker_url)
+    open_ids = {job.job_id for job in jobs} - _terminal_ids(pipeline, [job.job_id for job in jobs])
+    return [job for job in jobs if job.job_id in open_ids and job.job_id not in held]
+
+
+def _terminal_ids(pipeline: Pipeline, job_ids: Sequence[str]) -> set[str]:
+    with pipeline.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT job_id FROM phone_jobs WHERE job_id = ANY(:ids) AND status = ANY(:terminal)"),
+            {"ids": list(job_ids), "terminal": list(TERMINAL)},
+        ).all()
+    return {str(job_id) for (job_id,) in rows}
 
 
 # -- PostgreSQL: terminal, correct, written once ----------------------------------------------
