@@ -45,7 +45,9 @@ def _kill_worker_connections(broker_url: str) -> int:
 
 
 def test_a_broker_connection_drop_does_not_present_running_codes_twice(pipeline: Pipeline) -> None:
-    pipeline.start_worker("held", concurrency=JOBS, pool="threads")
+    # Free pool slots: the worker has a read pending on the queue when its connections are cut,
+    # so Celery restarts its consumer and kombu puts the running tasks' messages back.
+    pipeline.start_worker("held", concurrency=JOBS + 2, pool="threads")
     pipeline.sandbox.inject_fault("phone", latency_ms=HOLD_MS, times=JOBS, timing="before")
     jobs = submit_jobs(pipeline, APP_A, JOBS, label="drop")
     # Every exchange is now held at WeChat: the runs are alive and their messages unacknowledged.
