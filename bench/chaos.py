@@ -287,6 +287,15 @@ def check(
                 text("SELECT job_id, outcome FROM exchange_audit WHERE api = 'phone'")
             )
         )
+        # Why each failed job failed, call by call (for the report; no personal data).
+        calls_of_failed: dict[str, list[str]] = defaultdict(list)
+        for job_id, outcome, error_code in conn.execute(
+            text(
+                "SELECT a.job_id, a.outcome, a.error_code FROM exchange_audit a JOIN phone_jobs j "
+                "ON j.job_id = a.job_id WHERE j.status = 'failed' ORDER BY a.id"
+            )
+        ):
+            calls_of_failed[str(job_id)].append(f"{outcome}/{error_code}" if error_code else str(outcome))
     statuses = Counter((row["status"], row["error_code"]) for row in jobs.values())
     # 1. terminal, bounded attempts
     for tap in taps:
@@ -374,6 +383,16 @@ def check(
         "phone_calls": phone_calls,
         "audit_rows": sum(audit.values()),
         "users_with_newest_number": len(newest) - wrong_numbers,
+        "failed_jobs": [
+            {
+                "error_code": row["error_code"],
+                "attempts": row["attempts"],
+                "lost_replies": row["lost_replies"],
+                "calls": calls_of_failed.get(job_id, []),
+            }
+            for job_id, row in jobs.items()
+            if row["status"] == "failed"
+        ][:30],
     }
     return problems, figures
 
@@ -447,6 +466,11 @@ def render(problems: list[str], figures: dict[str, Any]) -> str:
         f"{figures['codes_exchanged']} codes exchanged, presentations per code "
         f"{figures['presentations']}, lost replies counted {figures['lost_replies']}",
         f"  audit rows        {figures['audit_rows']}",
+        *(
+            f"  failed job        {job['error_code']} after {job['attempts']} attempts, "
+            f"{job['lost_replies']} lost replies; calls: {', '.join(job['calls']) or 'none'}"
+            for job in figures["failed_jobs"]
+        ),
         f"  users             {figures['users_with_newest_number']} of {figures['users']} hold their newest "
         "verified number (or none when no tap succeeded)",
         "checks:",
@@ -455,7 +479,12 @@ def render(problems: list[str], figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so every process and server the run started is stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     args = parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="wxphone-chaos-"))
     problems, figures, log = run(args, directory)
