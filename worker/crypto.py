@@ -33,7 +33,7 @@ from sqlalchemy import Case, ColumnElement, case, func
 from sqlalchemy.orm import QueryableAttribute
 
 from models.user import User
-from worker.keychecks import check_value
+from worker.keychecks import key_matches
 from worker.settings import EncryptionKey, Settings, get_settings
 from worker.wechat.types import mask_phone_number as _mask_mainland_style
 
@@ -166,9 +166,9 @@ class BlindIndex:
     def __repr__(self) -> str:
         return "BlindIndex()"
 
-    def check_value(self) -> str:
-        """The key's check value, compared with the fleet's (:mod:`worker.keychecks`)."""
-        return check_value(self._key)
+    def matches_check(self, stored: str) -> bool:
+        """Whether the fleet's recorded check value was made with this key (:mod:`worker.keychecks`)."""
+        return key_matches(self._key, stored)
 
     def of(self, number: str, *, country_code: str | None = None) -> str:
         """The index of ``number`` (see :func:`normalise_phone_number` for the accepted forms)."""

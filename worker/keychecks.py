@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.dialects.postgresql import insert
@@ -24,7 +25,8 @@ __all__ = [
     "SHARED_KEYS",
     "KeyMismatchError",
     "check_value",
-    "compare_with_recorded",
+    "key_matches",
+    "mismatch_error",
     "forget_check",
     "verify_shared_key",
 ]
@@ -42,37 +44,47 @@ class KeyMismatchError(SettingsError):
 
 
 def check_value(key: str | bytes) -> str:
-    """A keyed check value of ``key`` (HMAC-SHA256 of a fixed text): reveals nothing of the key."""
+    """A new check value of ``key``: a random salt and an HMAC of it under the key, so a value
+    read from the database is no offline test of guessed keys across deployments."""
+    salt = secrets.token_hex(8)
+    return f"{salt}:{_mac(key, salt)}"
+
+
+def key_matches(key: str | bytes, stored: str) -> bool:
+    """Whether ``stored`` (a check value) was made with ``key``."""
+    salt, _, mac = stored.partition(":")
+    return hmac.compare_digest(mac, _mac(key, salt))
+
+
+def _mac(key: str | bytes, salt: str) -> str:
     raw = key.encode() if isinstance(key, str) else key
-    return hmac.new(raw, _CHECK_TEXT, hashlib.sha256).hexdigest()
+    return hmac.new(raw, _CHECK_TEXT + salt.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def verify_shared_key(engine: Engine, name: str, key: str, *, record: bool) -> None:
     """Raise :class:`KeyMismatchError` if the fleet recorded another key under ``name``; with
     ``record`` (workers), record this key's check value when none is recorded yet."""
-    value = check_value(key)
     with engine.begin() as connection:
         if record:
             connection.execute(
                 insert(KeyCheck)
-                .values(name=name, check_value=value)
+                .values(name=name, check_value=check_value(key))
                 .on_conflict_do_nothing(index_elements=["name"])
             )
         stored = connection.execute(
             select(KeyCheck.check_value).where(KeyCheck.name == name)
         ).scalar_one_or_none()
-    compare_with_recorded(name, value, stored)
+    if stored is not None and not key_matches(key, stored):
+        raise mismatch_error(name)
 
 
-def compare_with_recorded(name: str, value: str, stored: str | None) -> None:
-    """Raise :class:`KeyMismatchError` unless ``stored`` (the recorded check value of ``name``,
-    None when none is recorded yet) is ``value``, the check value of this process's key."""
-    if stored is not None and not hmac.compare_digest(stored, value):
-        raise KeyMismatchError(
-            f"{SHARED_KEYS[name]} differs from the key the fleet's workers use (recorded in PostgreSQL "
-            "table key_checks): every worker and front end needs the same one. To change it for the "
-            f"whole fleet, stop every worker and run `wxphone keys forget-check {name}`"
-        )
+def mismatch_error(name: str) -> KeyMismatchError:
+    """The error of a process whose ``name`` key differs from the fleet's."""
+    return KeyMismatchError(
+        f"{SHARED_KEYS[name]} differs from the key the fleet's workers use (recorded in PostgreSQL "
+        "table key_checks): every worker and front end needs the same one. To change it for the "
+        f"whole fleet, stop every worker and run `wxphone keys forget-check {name}`"
+    )
 
 
 def forget_check(engine: Engine, name: str) -> bool:

@@ -31,7 +31,7 @@ from worker.audit import clean_caller
 from worker.crypto import DataProtection, default_protection, users_context
 from worker.jobs.phone import record_submission, utc_now
 from worker.jobs.validation import validate_phone_job
-from worker.keychecks import compare_with_recorded
+from worker.keychecks import mismatch_error
 from worker.wechat.types import mask_phone_number
 
 __all__ = [
@@ -258,7 +258,8 @@ class Producer:
             stored = session.execute(
                 select(KeyCheck.check_value).where(KeyCheck.name == "blind_index_key")
             ).scalar_one_or_none()
-        compare_with_recorded("blind_index_key", self.protection.blind_index.check_value(), stored)
+        if stored is not None and not self.protection.blind_index.matches_check(stored):
+            raise mismatch_error("blind_index_key")
         self._blind_index_key_checked = stored is not None
 
     def _view(self, user: User) -> UserView:

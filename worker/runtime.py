@@ -21,7 +21,7 @@ from worker.crypto import DataProtection
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import JobPolicy
 from worker.limits import API_LOGIN, API_PHONE, CallGate
-from worker.liveness import RunnerLease
+from worker.liveness import RunClaims, RunnerLease
 from worker.settings import Settings, get_settings
 from worker.tokens.service import TokenService
 from worker.tokens.store import TokenStore
@@ -36,6 +36,8 @@ __all__ = ["Runtime", "current_runtime", "get_runtime", "reset_runtime"]
 CONNECTION_POOL_SIZE = 128
 REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 3.0
+#: A login's run claim expires by itself after this long (its code died long before).
+RUN_CLAIM_TTL_SECONDS = 600.0
 
 
 class Runtime:
@@ -121,6 +123,11 @@ class Runtime:
             lease_seconds=self.settings.runner_lease_seconds,
             call_budget_seconds=self.settings.wechat_call_budget_seconds,
         )
+
+    @cached_property
+    def run_claims(self) -> RunClaims:
+        """Claims of running logins (same Redis as the token store)."""
+        return RunClaims(self.redis, self.lease, ttl_seconds=RUN_CLAIM_TTL_SECONDS)
 
     @cached_property
     def engine(self) -> Engine:

@@ -12,7 +12,6 @@ These tests run with the shipped delivery defaults.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -22,13 +21,13 @@ from tests.support.faults import (
     assert_all_terminal_and_correct,
     assert_wechat_calls_accounted,
     print_recovery,
+    queued_message,
+    redeliver,
     submit_jobs,
     wait_until_terminal,
 )
 from tests.support.pipeline import APPS, Pipeline
 from tests.support.waiting import wait_for
-
-JOB_QUEUE = "wxphone"
 
 pytestmark = pytest.mark.faults
 
@@ -68,31 +67,14 @@ def test_a_broker_connection_drop_does_not_present_running_codes_twice(pipeline:
     print_recovery("broker connections killed mid-exchange", seconds, "each code presented once")
 
 
-def _queued_message(broker_url: str) -> str:
-    """The one message waiting in the job queue, as kombu stored it."""
-    with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
-        [raw] = client.lrange(JOB_QUEUE, 0, -1)
-    return bytes(raw).decode()
-
-
-def _redeliver(broker_url: str, raw_message: str) -> None:
-    """Put a copy of a message back on the queue exactly as kombu's restore of unacknowledged
-    messages does (``redelivered`` set in headers and delivery info)."""
-    payload = json.loads(raw_message)
-    payload["headers"]["redelivered"] = True
-    payload["properties"]["delivery_info"]["redelivered"] = True
-    with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
-        client.lpush(JOB_QUEUE, json.dumps(payload))
-
-
 def test_a_redelivered_copy_of_a_running_job_waits_for_the_live_run(pipeline: Pipeline) -> None:
     [job] = submit_jobs(pipeline, APP_A, 1, label="copy")
-    message = _queued_message(pipeline.broker_url)
+    message = queued_message(pipeline.broker_url)
     pipeline.sandbox.inject_fault("phone", latency_ms=HOLD_MS, timing="before")
     pipeline.start_worker("live", concurrency=4, pool="threads")
     wait_for(lambda: pipeline.sandbox.pending_faults() == [], timeout_seconds=30, what="the held exchange")
     # The first run is alive, its exchange held at WeChat; a second delivery of its message arrives.
-    _redeliver(pipeline.broker_url, message)
+    redeliver(pipeline.broker_url, message)
     redelivered_at = time.monotonic()
 
     seconds = wait_until_terminal(pipeline, [job], timeout_seconds=60, since=redelivered_at)

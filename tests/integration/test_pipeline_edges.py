@@ -4,18 +4,28 @@
   finishes last never replaces a newer number;
 * a publish that raised after the broker stored the message does not fail a job a worker took up;
 * a repeated submission waiting for a held-up first one backs off;
-* a message or a WeChat reply that no row can hold ends its job at once, without looping.
+* a message or a WeChat reply that no row can hold ends its job at once, without looping;
+* a message reusing another user's job id changes nothing of that job;
+* a failure whose commit is lost keeps its audit row when its write is sent again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import redis
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from tests.support.pipeline import Pipeline, endpoint_counts, phone_job_row, user_row
+from tests.support.services import free_port
 from tests.support.waiting import wait_for
 from worker.producer import Producer
 
@@ -210,3 +220,129 @@ def test_a_permanent_database_error_ends_the_job_instead_of_looping(pipeline: Pi
         with pipeline.engine.begin() as conn:
             conn.execute(text("DROP TRIGGER test_refuse_claim ON phone_jobs"))
             conn.execute(text("DROP FUNCTION test_refuse_claim()"))
+
+
+# -- a job id reused by another message; a failure whose commit is lost ------------------------
+
+
+def test_a_message_whose_kwargs_do_not_match_its_job_row_does_not_close_that_job(pipeline: Pipeline) -> None:
+    """The task id is the job id, and any Celery-protocol producer may send the task by name. A
+    message that reuses the id of a recorded job (a front end retrying a publish with its own
+    idempotency key, a bug, a hostile sender) but names another user and code fails
+    ``job_id_reused`` without touching that job or presenting its code; the job's own message
+    then resolves it."""
+    code_a = pipeline.sandbox.mint_phone_code(APPID, pure_phone_number="13600000001")
+    code_b = pipeline.sandbox.mint_phone_code(APPID, pure_phone_number="13600000002")
+    job_id = pipeline.submit(APPID, "oRowOwner00001", code_a)
+    # Another message with the same task id, for another user and code, ahead of the first.
+    with redis.Redis.from_url(pipeline.broker_url, socket_timeout=5) as client:
+        [raw] = client.lrange("wxphone", 0, -1)
+        client.delete("wxphone")
+    reused = pipeline.celery.send_task(
+        RESOLVE_PHONE, kwargs={"appid": APPID, "openid": "oOtherUser0001", "code": code_b},
+        task_id=job_id, queue="wxphone",
+    )  # fmt: skip
+    with redis.Redis.from_url(pipeline.broker_url, socket_timeout=5) as client:
+        client.lpush("wxphone", raw)  # the job's own message, after the other one
+    pipeline.start_worker(concurrency=1, pool="threads")
+    wait_for(
+        lambda: (phone_job_row(pipeline, job_id) or {}).get("status") in {"succeeded", "failed"},
+        timeout_seconds=30,
+        what="the job",
+    )
+    row = phone_job_row(pipeline, job_id)
+    assert row is not None and (row["status"], row["openid"], row["attempts"]) == (
+        "succeeded",
+        "oRowOwner00001",
+        1,
+    )
+    owner = pipeline.producer.get_user(appid=APPID, openid="oRowOwner00001")
+    assert owner is not None and owner.pure_phone_number == "13600000001"
+    assert user_row(pipeline, APPID, "oOtherUser0001") is None
+    assert endpoint_counts(pipeline.sandbox, "phone").calls == 1  # code_b never presented
+    # The reusing message stored no result: the task id's result is the job's own.
+    assert reused.get(timeout=30) == {"job_id": job_id, "status": "succeeded", "error_code": None}
+
+
+class CommitCuttingProxy:
+    """A TCP proxy in front of PostgreSQL that drops the connection once, at the first COMMIT a
+    client sends after inserting audit rows in the same connection: the server never sees the
+    COMMIT (it rolls the transaction back), the client sees its connection lost at commit. What a
+    network cut, a failover or a proxy restart at that moment does."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = free_port()
+        self.cuts = 0
+        self._armed = True
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            seen = {"audit": False}
+            threading.Thread(target=self._pump, args=(client, server, seen, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, seen, False), daemon=True).start()
+
+    def _pump(
+        self, source: socket.socket, target: socket.socket, seen: dict[str, bool], upstream: bool
+    ) -> None:
+        try:
+            while data := source.recv(65536):
+                if upstream:
+                    if b"INSERT INTO exchange_audit" in data:
+                        seen["audit"] = True
+                    if seen["audit"] and b"COMMIT" in data:
+                        with self._lock:
+                            cut, self._armed = self._armed, False
+                        if cut:
+                            self.cuts += 1
+                            raise OSError("cut")
+                target.sendall(data)
+        except OSError:
+            pass
+        for each in (source, target):
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+            each.close()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._listener.close()
+
+
+@contextmanager
+def commit_cutting_proxy(database_url: str) -> Iterator[tuple[CommitCuttingProxy, str]]:
+    url = make_url(database_url)
+    proxy = CommitCuttingProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        yield proxy, url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    finally:
+        proxy.close()
+
+
+def test_a_failed_exchange_whose_commit_is_retried_keeps_its_audit_row(pipeline: Pipeline) -> None:
+    """The outcome of an exchange is written with a retry while PostgreSQL is unreachable (the
+    code is spent), and its audit rows are idempotent (``call_id``): when the commit is lost, the
+    retried write records the failure with the call's audit row, once."""
+    with commit_cutting_proxy(pipeline.settings["database_url"]) as (proxy, proxied_url):
+        pipeline.settings.update(database_url=proxied_url)
+        pipeline.start_worker(concurrency=1, pool="threads")
+        # A code WeChat refuses (40029): the job fails after one call, written in one transaction.
+        job_id = pipeline.submit(APPID, "oAuditCommit01", "never-issued-code-0123456789abcdef")
+        wait_for(
+            lambda: (phone_job_row(pipeline, job_id) or {}).get("status") == "failed",
+            timeout_seconds=30,
+            what="the job",
+        )
+        assert proxy.cuts == 1, "the commit was not cut"
+    assert endpoint_counts(pipeline.sandbox, "phone").calls == 1
+    rows = pipeline.count("SELECT count(*) FROM exchange_audit WHERE job_id = :j", j=job_id)
+    assert rows == 1, f"one WeChat call, {rows} audit rows for it"

@@ -73,7 +73,7 @@ def test_sweep_closes_only_jobs_past_their_code_life_and_names_the_truth(
     add_job(sessions, "still-may-run", "running", expired_seconds_ago=STALE_SECONDS - 60, claim="exchanging")
     add_job(sessions, "done", "succeeded", expired_seconds_ago=long_ago, claim="succeeded")
 
-    closed = sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS, now=utc_now())
+    closed = sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS)
 
     assert closed == {"worker_lost": 1, "code_expired": 2}
     assert job_state(sessions, "lost-mid-exchange") == ("failed", "worker_lost")
@@ -88,4 +88,4 @@ def test_sweep_closes_only_jobs_past_their_code_life_and_names_the_truth(
     assert claims["never-sent"] == "failed"
     assert claims["still-may-run"] == "exchanging"
     # A second sweep finds nothing more to do.
-    assert sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS, now=utc_now()) == {}
+    assert sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS) == {}

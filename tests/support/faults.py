@@ -50,6 +50,8 @@ __all__ = [
     "pool_children",
     "print_recovery",
     "private_broker",
+    "queued_message",
+    "redeliver",
     "submit_jobs",
     "wait_until_terminal",
 ]
@@ -409,6 +411,28 @@ def assert_codes_match_outcomes(pipeline: Pipeline, jobs: Sequence[SubmittedJob]
     finally:
         client.close()
     assert not problems, "\n".join(problems)
+
+
+# -- messages as kombu stores them ------------------------------------------------------------
+
+JOB_QUEUE = "wxphone"
+
+
+def queued_message(broker_url: str) -> str:
+    """The one message waiting in the job queue, as kombu stored it in Redis."""
+    with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
+        [raw] = client.lrange(JOB_QUEUE, 0, -1)
+    return bytes(raw).decode()
+
+
+def redeliver(broker_url: str, raw_message: str) -> None:
+    """Put a copy of a message back on the queue exactly as kombu's restore of unacknowledged
+    messages does (``redelivered`` set in headers and delivery info)."""
+    payload = json.loads(raw_message)
+    payload["headers"]["redelivered"] = True
+    payload["properties"]["delivery_info"]["redelivered"] = True
+    with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
+        client.lpush(JOB_QUEUE, json.dumps(payload))
 
 
 # -- processes and logs -----------------------------------------------------------------------

@@ -10,6 +10,12 @@ and returns the recorded user instead of presenting the spent code to WeChat aga
 code2Session has answered, the code is spent and the session_key exists nowhere else, so the user
 write is retried in-process while PostgreSQL is unreachable instead of running the task again.
 
+A delivery of the task while another run of it is at WeChat (a dropped broker connection puts
+the messages of running tasks back on the queue) waits for that run: each run claims the task in
+Redis for its worker process (:class:`worker.liveness.RunClaims`), and a copy takes the claim
+over only when the holder's liveness lease has lapsed. A run presents the code only while its
+process's lease surely holds (self-fencing, as for phone jobs).
+
 Retries (at most :data:`MAX_LOGIN_ATTEMPTS` runs, well inside the code's 5-minute life) follow the
 failure: WeChat busy or unreachable, or the fleet's limits store (Redis) unreachable before the
 call, back off exponentially; a 45011 waits for the next minute. code2Session's 45011 is a
@@ -38,8 +44,8 @@ from worker.audit import AuditEntry, append_rows, audit_row, clean_caller, recor
 from worker.crypto import DataProtection, default_protection, row_key_version, users_context
 from worker.db import retry_while_unreachable
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
-from worker.jobs.phone import JobPolicy
-from worker.jobs.validation import code_fingerprint, validate_login
+from worker.jobs.phone import JobPolicy, RunnerLeaseLapsedError
+from worker.jobs.validation import ValidatedLogin, code_fingerprint, validate_login
 from worker.limits import (
     API_LOGIN,
     CallGate,
@@ -47,6 +53,7 @@ from worker.limits import (
     LocallyRateLimitedError,
     seconds_to_window_end,
 )
+from worker.liveness import LivenessUnavailableError, RunClaims, RunnerLease
 from worker.settings import AppCredentials
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import WeChatQuotaExhaustedError, WeChatRateLimitedError
@@ -94,11 +101,14 @@ def login_user(
     protection: DataProtection | None = None,
     task_id: str | None = None,
     caller: object = None,
+    lease: RunnerLease | None = None,
+    run_claims: RunClaims | None = None,
 ) -> LoginOutcome:
     """Run one login attempt; retryable failures ask for another attempt with backoff.
 
     ``protection`` encrypts the session_key (default: the process's keys); ``task_id`` and
-    ``caller`` go to the audit row of the WeChat call.
+    ``caller`` go to the audit row of the WeChat call. With ``lease`` and ``run_claims`` (workers
+    pass both), the run claims the task first and waits for another live run of it.
     """
     try:
         login = validate_login(appid=appid, js_code=js_code, configured_appids=apps.keys())
@@ -110,6 +120,49 @@ def login_user(
         done = _earlier_success(sessions, appid=login.appid, task_id=task_id, fingerprint=fingerprint)
         if done is not None:
             return done
+    if lease is None or run_claims is None or task_id is None:
+        return _attempt(
+            login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
+            fingerprint, lease=None, runner=None,
+        )  # fmt: skip
+    lease.start()  # a claim never names a runner that has not taken its lease
+    runner = lease.runner_id
+    with lease.running(task_id):
+        try:
+            wait_seconds = run_claims.claim(task_id, runner)
+        except LivenessUnavailableError as error:
+            return _retry_or_fail(error, login.appid, attempt, policy)
+        if wait_seconds is not None:
+            log.info("login runs elsewhere; looking again in %.1fs", wait_seconds, extra={"task_id": task_id})
+            return LoginOutcome(
+                "retrying", "running_elsewhere", appid=login.appid, retry_in_seconds=wait_seconds
+            )
+        try:
+            return _attempt(
+                login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
+                fingerprint, lease=lease, runner=runner,
+            )  # fmt: skip
+        finally:
+            run_claims.release(task_id, runner)
+
+
+def _attempt(
+    login: ValidatedLogin,
+    attempt: int,
+    sessions: sessionmaker[Session],
+    client: WeChatClient,
+    credentials: AppCredentials,
+    policy: JobPolicy,
+    gate: CallGate | None,
+    protection: DataProtection | None,
+    task_id: str | None,
+    caller: object,
+    fingerprint: str,
+    *,
+    lease: RunnerLease | None,
+    runner: str | None,
+) -> LoginOutcome:
+    """The call gate, the code2Session call and the user's write of one claimed run."""
     try:
         if gate is not None:
             gate.acquire(login.appid, API_LOGIN)
@@ -131,6 +184,15 @@ def login_user(
         fingerprint,
         clean_caller(caller),
     )
+    if lease is not None and runner is not None and not lease.may_call(runner):
+        # This process's lease may lapse before the call ends: another run could take over and
+        # present the code too. Make no call.
+        return _retry_or_fail(
+            RunnerLeaseLapsedError("this worker's liveness lease is not fresh; no call made"),
+            login.appid,
+            attempt,
+            policy,
+        )
     started = time.monotonic()
     try:
         result = client.code_to_session(appid=login.appid, secret=credentials.secret, js_code=login.js_code)

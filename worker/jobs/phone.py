@@ -35,6 +35,7 @@ code or a phone number.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -120,6 +121,9 @@ REPLY_LOST_ERROR_CODE = "reply_lost"
 CODE_REUSED_ERROR_CODE = "code_reused"
 #: The error of a message whose task id cannot be a job id (too long, not printable, NUL).
 INVALID_JOB_ID_ERROR_CODE = "invalid_job_id"
+#: The error of a message whose task id is the id of another app's or user's job (never stored
+#: on that job).
+JOB_ID_REUSED_ERROR_CODE = "job_id_reused"
 #: The error of a job PostgreSQL refused to record for a reason that would repeat.
 DATABASE_REJECTED_ERROR_CODE = "database_rejected"
 
@@ -171,6 +175,10 @@ class JobOutcome:
     status: OutcomeStatus
     error_code: str | None = None
     retry_in_seconds: float | None = None
+    #: False when this run's outcome is not the job's to report: the job was taken over or
+    #: closed meanwhile by another run (which reports it), or the message's task id is another
+    #: app's or user's job. The task then stores no result (the first stored result would stay).
+    reports_job: bool = True
 
     def as_result(self) -> dict[str, Any]:
         """The Celery task result: identifiers and status only, never personal data."""
@@ -268,6 +276,10 @@ def resolve_phone_job(
             return run.execute(appid=appid, openid=openid, code=code)
         except DBAPIError as error:
             if is_transient_database_error(error):
+                if run.claimed_attempt is not None:
+                    # The job stays running under this process's claim: let the retry (wherever
+                    # it lands) take it over at once instead of waiting for the claim to go stale.
+                    lease.note_run_ended(job_id, run.claim_identity(run.claimed_attempt))
                 raise  # the task retries database outages with backoff
             # The same statement would fail the same way on every retry: end the job.
             log.error(
@@ -304,10 +316,16 @@ class _JobRun:
     ) -> None:
         self.gate = gate
         self.lease = lease
+        #: The runner this run claims as: if the process's lease lapses meanwhile, the process
+        #: becomes a new runner and this run may no longer present a code (worker.liveness).
+        self.runner = lease.runner_id
+        #: The job's attempt number once this run has claimed it.
+        self.claimed_attempt: int | None = None
         self.earlier_retries = earlier_retries
         self.interruptions = interruptions
         #: Audit rows of this run's WeChat calls, written with the outcome they led to.
         self.audit_rows: list[dict[str, object]] = []
+        self._audit_rows_in_transaction = 0
         self.job_id = job_id
         self.engine = engine
         # The two hot-path statements are each their own transaction (worker.jobs.statements).
@@ -441,7 +459,7 @@ class _JobRun:
     def _exchange(self, audit: AuditEntry, token: str, code: str, openid: str) -> PhoneInfo:
         """One getuserphonenumber call, with its audit row (one per call: a call repeated after
         a token refresh gets its own)."""
-        if not self.lease.may_call():
+        if not self.lease.may_call(self.runner):
             # Our lease may lapse before this call would end: another delivery could then take the
             # job over and present the code too. Make no call; the job retries.
             raise RunnerLeaseLapsedError("this worker's liveness lease is not fresh; no call made")
@@ -466,9 +484,12 @@ class _JobRun:
         return info
 
     def _write_audit(self, session: Session) -> None:
-        """Write the buffered audit rows in ``session``'s transaction (the one recording the outcome)."""
+        """Write the buffered audit rows in ``session``'s transaction (the one recording the
+        outcome). They leave the buffer once that transaction commits (:meth:`_transaction`), so
+        a transaction written again after its commit failed writes them again (each once: their
+        ``call_id`` is unique)."""
         append_rows(session, self.audit_rows)
-        self.audit_rows = []
+        self._audit_rows_in_transaction = len(self.audit_rows)
 
     def _reject_input(self, appid: object, openid: object, code: object, error: WxphoneError) -> JobOutcome:
         """Record a job whose input failed validation as ``failed``; no WeChat call."""
@@ -508,16 +529,17 @@ class _JobRun:
         """
         now = self.clock()
         stale_before = now - timedelta(seconds=self.policy.stale_claim_seconds)
-        claimed = self._claim(appid, openid, fingerprint, now, stale_before, takeover_from=None)
+        claimed = self._claim(appid, openid, fingerprint, now, takeover_from=None)
         if claimed is None:
-            holder = self._gone_holder_or_outcome(now, stale_before)
+            holder = self._gone_holder_or_outcome(appid, openid, now, stale_before)
             if isinstance(holder, JobOutcome):
                 return holder
             log.warning("taking over a job whose run is over", extra={"job_id": self.job_id})
-            claimed = self._claim(appid, openid, fingerprint, now, stale_before, takeover_from=holder)
+            claimed = self._claim(appid, openid, fingerprint, now, takeover_from=holder)
             if claimed is None:  # another delivery took it over first: look again soon
                 return JobOutcome(self.job_id, "running", None, retry_in_seconds=_jitter(2.0))
         attempts, code_expires_at = claimed.attempts, claimed.code_expires_at
+        self.claimed_attempt = attempts
         if claimed.code_claimed:
             return attempts, code_expires_at
         # The job is ours; its code was claimed before or the job may not go on.
@@ -539,7 +561,6 @@ class _JobRun:
         openid: str,
         fingerprint: str,
         now: datetime,
-        stale_before: datetime,
         *,
         takeover_from: str | None,
     ) -> ClaimedAttempt | None:
@@ -552,19 +573,27 @@ class _JobRun:
                 fingerprint=fingerprint,
                 now=now,
                 code_expires_at=now + timedelta(seconds=self.policy.code_lifetime_seconds),
-                runner=self.lease.runner_id,
-                takeover_before=stale_before,
+                runner=self.runner,
+                stale_claim_seconds=self.policy.stale_claim_seconds,
                 takeover_from=takeover_from,
                 max_attempts=self.policy.max_attempts,
             )
 
-    def _gone_holder_or_outcome(self, now: datetime, stale_before: datetime) -> str | JobOutcome:
+    def _gone_holder_or_outcome(
+        self, appid: str, openid: str, now: datetime, stale_before: datetime
+    ) -> str | JobOutcome:
         """For a job this run could not claim: the runner holding it, when that run is provably
         over (take it over); otherwise the outcome of this run (the job is terminal, or runs
-        elsewhere: look again when its holder's lease would lapse)."""
+        elsewhere: look again when its holder's lease would lapse; or the job id belongs to
+        another app's or user's job: this message fails, the job is not touched)."""
         with Session(self.engine) as session:
             job = session.get(PhoneJob, self.job_id)
         assert job is not None  # the claim statement records it
+        if (job.appid, job.openid) != (appid, openid):
+            log.warning(
+                "phone job refused: its task id is another app's or user's job", extra={"job_id": self.job_id}
+            )
+            return JobOutcome(self.job_id, "failed", JOB_ID_REUSED_ERROR_CODE, reports_job=False)
         if job.status in _TERMINAL:
             return JobOutcome(self.job_id, job.status, job.error_code)  # type: ignore[arg-type]
         if job.status != PhoneJobStatus.RUNNING.value:
@@ -574,13 +603,15 @@ class _JobRun:
         wait_seconds = max(1.0, (claimed_at - stale_before).total_seconds())  # until the claim is stale
         holder = job.claimed_by
         if holder is not None:
-            if holder == self.lease.runner_id:
+            if holder == self.runner:
                 if self.lease.runs_here(self.job_id) <= 1:
                     return holder  # an earlier run in this process ended without closing the job
                 wait_seconds = min(wait_seconds, self.lease.lease_seconds / 2)
             else:
                 lapses_in = self.lease.lapses_in_seconds(holder)
-                if lapses_in == 0.0:
+                if lapses_in == 0.0 or self.lease.ended_run(self.job_id) == self.claim_identity(
+                    job.attempts, holder
+                ):
                     return holder
                 # Alive (or unknown: Redis unreachable): look again once its lease could lapse.
                 until_lapse = self.lease.lease_seconds if lapses_in is None else lapses_in
@@ -644,6 +675,10 @@ class _JobRun:
         # Waiting for the first submission is not an attempt at WeChat: do not count it.
         self._update_own_job(session, status=PhoneJobStatus.RETRYING.value, attempts=PhoneJob.attempts - 1)
         return JobOutcome(self.job_id, "retrying", None, retry_in_seconds=self._duplicate_poll_seconds())
+
+    def claim_identity(self, attempt: int, runner: str | None = None) -> str:
+        """One claim of the job: the runner that made it and the attempt it counted."""
+        return f"{runner or self.runner}#{attempt}"
 
     def _duplicate_poll_seconds(self) -> float:
         """How long a repeated submission waits before looking at the first one again."""
@@ -827,14 +862,14 @@ class _JobRun:
             "phone job was taken over or closed meanwhile; this run changes nothing",
             extra={"job_id": self.job_id},
         )
-        return self._stored_outcome()
+        return dataclasses.replace(self._stored_outcome(), reports_job=False)
 
     def _own_claim(self) -> tuple[ColumnElement[bool], ...]:
         """The job row as this run claimed it: running, held by this process."""
         return (
             PhoneJob.job_id == self.job_id,
             PhoneJob.status == PhoneJobStatus.RUNNING.value,
-            PhoneJob.claimed_by == self.lease.runner_id,
+            PhoneJob.claimed_by == self.runner,
         )
 
     def _not_held_elsewhere(self) -> ColumnElement[bool]:
@@ -842,7 +877,7 @@ class _JobRun:
         return or_(
             PhoneJob.status != PhoneJobStatus.RUNNING.value,
             PhoneJob.claimed_by.is_(None),
-            PhoneJob.claimed_by == self.lease.runner_id,
+            PhoneJob.claimed_by == self.runner,
         )
 
     def _update_own_job(self, session: Session, **values: Any) -> bool:
@@ -904,9 +939,13 @@ class _JobRun:
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
         """A session in a transaction that commits on success and rolls back on error."""
+        self._audit_rows_in_transaction = 0
         # Objects stay readable after commit (no implicit new transaction when read later).
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
+        # Committed: the audit rows written in it are stored.
+        del self.audit_rows[: self._audit_rows_in_transaction]
+        self._audit_rows_in_transaction = 0
 
     def _stored_outcome(self) -> JobOutcome:
         with Session(self.engine) as session:

@@ -33,8 +33,10 @@ _TERMINAL_SQL = f"'{PhoneJobStatus.SUCCEEDED.value}', '{PhoneJobStatus.FAILED.va
 _OPEN_CLAIM_SQL = f"'{CodeClaimStatus.PENDING.value}', '{CodeClaimStatus.EXCHANGING.value}'"
 
 # The job is recorded if the producer did not, and compare-and-set to running from a claimable
-# state, from a running state whose claim is older than takeover_before, or from a running state
-# held by takeover_from (a runner known to be gone, worker.liveness). The claim names this runner
+# state, from a running state whose claim is older than any run can be, or from a running state
+# held by takeover_from (a runner known to be gone, worker.liveness); never a row recorded for
+# another app or user (a task id reused with other kwargs). Claim times are PostgreSQL's clock,
+# so the age of a claim never depends on two hosts' clocks agreeing. The claim names this runner
 # and writes the code's fingerprint under the workers' key. In the same statement, a job that may
 # go on (attempts left, code still alive) claims its code if no other submission has: ON CONFLICT
 # DO NOTHING leaves every other case to the caller's slow path.
@@ -46,7 +48,7 @@ WITH claimed_job AS (
     )
     VALUES (
         %(job_id)s, %(appid)s, %(openid)s, %(fingerprint)s, '{_RUNNING}', 1,
-        %(now)s, %(now)s, %(now)s, %(runner)s, %(code_expires_at)s
+        %(now)s, %(now)s, statement_timestamp(), %(runner)s, %(code_expires_at)s
     )
     ON CONFLICT (job_id) DO UPDATE SET
         status = '{_RUNNING}',
@@ -55,9 +57,11 @@ WITH claimed_job AS (
         claimed_at = EXCLUDED.claimed_at,
         claimed_by = EXCLUDED.claimed_by,
         code_fingerprint = EXCLUDED.code_fingerprint
-    WHERE job.status IN ({_CLAIMABLE_SQL})
-       OR (job.status = '{_RUNNING}'
-           AND (job.claimed_at <= %(takeover_before)s OR job.claimed_by = %(takeover_from)s))
+    WHERE (job.status IN ({_CLAIMABLE_SQL})
+           OR (job.status = '{_RUNNING}'
+               AND (job.claimed_at <= statement_timestamp() - make_interval(secs => %(stale_claim_seconds)s)
+                    OR job.claimed_by = %(takeover_from)s)))
+      AND job.appid = EXCLUDED.appid AND job.openid = EXCLUDED.openid
     RETURNING job.attempts, job.code_expires_at
 ), claimed_code AS (
     INSERT INTO code_claims (appid, code_fingerprint, job_id, status)
@@ -91,13 +95,14 @@ def claim_job_and_code(
     now: datetime,
     code_expires_at: datetime,
     runner: str,
-    takeover_before: datetime,
+    stale_claim_seconds: float,
     takeover_from: str | None = None,
     max_attempts: int,
 ) -> ClaimedAttempt | None:
     """Record and claim the job for ``runner`` and, in the common case, its code. None: the job
-    is not claimable (terminal, or running elsewhere: a running job is taken over only if its
-    claim is older than ``takeover_before`` or held by ``takeover_from``). ``code_claimed`` is
+    is not claimable (terminal; recorded for another appid or openid; or running elsewhere: a
+    running job is taken over only if its claim is older than ``stale_claim_seconds`` by
+    PostgreSQL's clock, or held by ``takeover_from``). ``code_claimed`` is
     False when the code was claimed before (a repeat, or this job's own earlier attempt) or the
     job may not go on (too many attempts, code expired): the caller decides those cases.
 
@@ -113,7 +118,7 @@ def claim_job_and_code(
             "now": now,
             "code_expires_at": code_expires_at,
             "runner": runner,
-            "takeover_before": takeover_before,
+            "stale_claim_seconds": stale_claim_seconds,
             "takeover_from": takeover_from,
             "max_attempts": max_attempts,
         },

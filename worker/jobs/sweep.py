@@ -1,6 +1,7 @@
 """Closing jobs that can no longer finish by themselves.
 
-A job whose worker died is normally taken over by its redelivered message. This sweep is the
+A job whose worker died is normally taken over by its next delivery once the dead process's
+liveness lease has lapsed (worker.liveness). This sweep is the
 backstop for everything else (a message lost with a Redis crash, a whole host gone for longer
 than the code lives): once a job's code has expired *and* any run that could still hold it has
 ended (no run outlives the hard time limit), the job is closed with the error that tells the
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import CodeClaim, PhoneJob
@@ -33,11 +34,11 @@ _OPEN_JOB = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RUNNING.value, PhoneJob
 _OPEN_CLAIM = [CodeClaimStatus.PENDING.value, CodeClaimStatus.EXCHANGING.value]
 
 
-def sweep_stuck_jobs(
-    *, sessions: sessionmaker[Session], stale_claim_seconds: float, now: datetime
-) -> dict[str, int]:
+def sweep_stuck_jobs(*, sessions: sessionmaker[Session], stale_claim_seconds: float) -> dict[str, int]:
     """Close one batch of jobs stuck past their code's life; return counts by error code."""
-    cutoff = now - timedelta(seconds=stale_claim_seconds)
+    # PostgreSQL's clock, as for claims: a beat host whose clock runs ahead must not close jobs
+    # whose runs may still be going.
+    cutoff = func.now() - timedelta(seconds=stale_claim_seconds)
     closed: Counter[str] = Counter()
     with sessions.begin() as session:
         stuck = session.execute(
@@ -59,7 +60,7 @@ def sweep_stuck_jobs(
             session.execute(
                 update(PhoneJob)
                 .where(PhoneJob.job_id == job_id, PhoneJob.status.in_(_OPEN_JOB))
-                .values(status=PhoneJobStatus.FAILED.value, error_code=error_code, finished_at=now)
+                .values(status=PhoneJobStatus.FAILED.value, error_code=error_code, finished_at=func.now())
             )
             if owns_claim and claim is not None and claim.status in _OPEN_CLAIM:
                 claim.status = CodeClaimStatus.FAILED.value

@@ -19,14 +19,14 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject, SoftTimeLimitExceeded, WorkerLostError
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded, WorkerLostError
 from celery.worker.request import Request
 from sqlalchemy.exc import DBAPIError
 
 from worker.app import app
 from worker.db import is_transient_database_error
 from worker.jobs.login import login_user
-from worker.jobs.phone import INVALID_JOB_ID_ERROR_CODE, resolve_phone_job, utc_now
+from worker.jobs.phone import INVALID_JOB_ID_ERROR_CODE, resolve_phone_job
 from worker.jobs.sweep import sweep_stuck_jobs as sweep_stuck
 from worker.jobs.validation import is_valid_task_id
 from worker.liveness import release_dead_runners
@@ -104,6 +104,11 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         raise _retry(self, _database_backoff(self.request.retries)) from None
     if outcome.retry_in_seconds is not None:
         raise _retry(self, outcome.retry_in_seconds)
+    if not outcome.reports_job:
+        # This run was taken over (or its job closed) meanwhile, or the task id is another job's:
+        # the run that holds the job stores the task's result; a result stored now would be the
+        # first, and Celery keeps a task's first result.
+        raise Ignore()
     return outcome.as_result()
 
 
@@ -129,6 +134,8 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             protection=runtime.protection,
             task_id=self.request.id,
             caller=None if args else kwargs.get("caller"),
+            lease=runtime.lease,
+            run_claims=runtime.run_claims,
         )
     except DBAPIError as error:
         if not is_transient_database_error(error):
@@ -151,6 +158,4 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def sweep_stuck_jobs() -> dict[str, int]:
     """Close jobs stuck past their code's life (scheduled by beat on queue ``wxphone.token``)."""
     runtime = get_runtime()
-    return sweep_stuck(
-        sessions=runtime.sessions, stale_claim_seconds=runtime.settings.stale_claim_seconds, now=utc_now()
-    )
+    return sweep_stuck(sessions=runtime.sessions, stale_claim_seconds=runtime.settings.stale_claim_seconds)
