@@ -46,6 +46,7 @@ SECRET = "hostile-test-secret-0123456789ab"
 KNOWN_ERROR_CODES = {
     "invalid_input",
     "invalid_job_id",
+    "job_id_reused",  # a hostile id drawn twice names an earlier example's job
     "invalid_reply",
     "app_not_configured",
     "invalid_code",
@@ -154,7 +155,7 @@ def check(outcome: JobOutcome, world: World, openid: object, users_before: str) 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    job_id=half(st.uuids().map(str), st.one_of(st.text(min_size=60, max_size=80), ANYTHING)),
+    job_id=half(st.none(), st.one_of(st.text(min_size=60, max_size=80), ANYTHING)),
     appid=half(st.just(APPID), st.one_of(st.just("wxnotconfigured1"), ANYTHING)),
     openid=half(st.from_regex(r"o[A-Za-z0-9_-]{5,40}", fullmatch=True), ANYTHING),
     code=half(st.sampled_from([MINT, "never-issued-code-0123456789"]), ANYTHING),
@@ -170,7 +171,7 @@ def test_any_task_kwargs_end_in_a_known_outcome_without_partial_writes(
     users_before = world.users()
     try:
         outcome = resolve_phone_job(
-            job_id=job_id,
+            job_id=str(uuid.uuid4()) if job_id is None else job_id,
             appid=appid,
             openid=openid,
             code=code,
