@@ -684,6 +684,55 @@ class Settings(BaseSettings):
         return {app.appid: app for app in self.apps}
 
 
+#: Settings whose value is a secret: ``config show`` says only whether each is set.
+SECRET_SETTINGS = frozenset(
+    {"apps", "encryption_keys", "blind_index_key", "fingerprint_key", "wechat_proxy_url"}
+)
+#: Settings holding a URL whose password must not be shown.
+URL_SETTINGS = frozenset({"database_url", "broker_url", "redis_url"})
+
+
+def public_settings(settings: Settings) -> dict[str, object]:
+    """The effective settings without any secret: what ``wxphone config show`` prints.
+
+    Secrets appear as ``"set"`` or ``"unset"`` (apps as their appids, encryption keys as their
+    versions; an unset key is a development key where those are allowed),
+    passwords in URLs as ``***``; derived timings (the stale-claim window, the final-write retry
+    budget, the longest retry delay) are included.
+    """
+    shown: dict[str, object] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if name == "apps":
+            shown[name] = [app.appid for app in value]
+        elif name == "encryption_keys":
+            shown[name] = [key.version for key in value] if value else "unset"
+        elif name == "fingerprint_key":
+            shown[name] = "set" if name in settings.model_fields_set else "unset"
+        elif name in SECRET_SETTINGS:
+            shown[name] = "set" if value else "unset"
+        elif name in URL_SETTINGS:
+            shown[name] = mask_url_password(str(value))
+        else:
+            shown[name] = value
+    shown["development_keys_allowed"] = not settings.uses_real_wechat
+    shown["stale_claim_seconds"] = settings.stale_claim_seconds
+    shown["final_write_retry_seconds"] = settings.final_write_retry_seconds
+    shown["longest_retry_delay_seconds"] = settings.longest_retry_delay_seconds
+    shown["wechat_call_budget_seconds"] = settings.wechat_call_budget_seconds
+    return shown
+
+
+def mask_url_password(url: str) -> str:
+    """``scheme://user:***@host/...``: the URL with any password replaced."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
+    credentials, _, location = rest.rpartition("@")
+    user, has_password, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':***' if has_password else ''}@{location}"
+
+
 def _variable_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + str(loc[0]).upper() if loc else "WXPHONE_* settings"
 

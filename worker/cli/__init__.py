@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from worker.cli.config import config_group
 from worker.cli.db import db_group
 from worker.cli.demo import demo_command
 from worker.cli.doctor import doctor_command, limits_group
@@ -34,6 +35,7 @@ cli.add_command(job_group)
 cli.add_command(user_group)
 cli.add_command(keys_group)
 cli.add_command(doctor_command)
+cli.add_command(config_group)
 cli.add_command(limits_group)
 cli.add_command(services_group)
 cli.add_command(demo_command)
