@@ -18,6 +18,18 @@ reconnect, and it logs one WARNING line starting with the same words as Celery's
 Why the pub/sub connection needs no watch of its own: its loss always restarts the consumer,
 provided the broker transport options leave redis-py's command retry off (no
 ``retry_on_timeout``; see ``celeryconfig.py`` and docs/reliability.md).
+
+:class:`Consumer` (``worker_consumer`` in ``celeryconfig.py``) fixes what a consumer restart
+loses: the retries waiting for their countdown. A worker takes a retry's message off the queue at
+once and holds it, unacknowledged, until its countdown ends (a timer entry in the event loop).
+When the event loop fails on a lost connection, Celery 5.6.3 clears every timer entry
+(``celery/worker/loops.py`` ``asynloop``: ``hub.timer.clear()``, celery/celery#10218), those too;
+nothing runs or acknowledges those messages any more. kombu puts a closed channel's
+unacknowledged messages back on the queue (``Channel.close``), but only if Redis answers at that
+moment: not after a crash or a failover, nor when a ``BRPOP`` was pending on the dead connection
+(``kombu/transport/redis.py`` ``Channel.close`` reads it first, and that read raises). Those
+messages then came back only after the visibility timeout (600 s by default: past the code's
+life). The consumer now requeues them as soon as it is connected again.
 """
 
 from __future__ import annotations
@@ -26,9 +38,11 @@ import logging
 import weakref
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request
 
-__all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch"]
+__all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch", "Consumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +93,59 @@ class BrokerConnectionWatch(bootsteps.StartStopStep):  # type: ignore[misc]  # C
             CONNECTION_LOST_MESSAGE,
             self._broker_uri,
         )
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
+    """Celery's consumer, which requeues the messages of retries waiting for their countdown when
+    a lost broker connection cancelled their timers (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Requests received with a countdown whose timer has not fired yet.
+        self._waiting_for_countdown: set[Request] = set()
+        signals.task_received.connect(self._on_task_received, sender=self, weak=False)
+
+    def _on_task_received(self, sender: Any = None, request: Request | None = None, **_: Any) -> None:
+        # The strategy schedules a request with an ETA on the timer (``apply_eta_task``), unless a
+        # rate limit applies (wxphone sets none): those wait in a token bucket instead.
+        if (
+            request is not None
+            and request.eta
+            and (self.disable_rate_limits or not self.task_buckets[request.task.name])
+        ):
+            self._waiting_for_countdown.add(request)
+
+    def apply_eta_task(self, task: Request) -> None:
+        self._waiting_for_countdown.discard(task)
+        super().apply_eta_task(task)
+
+    def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        super().on_connection_error_after_connected(exc)  # closes the lost channel
+        scheduled = {id(arg) for item in self.timer.queue for arg in item.entry.args}
+        waiting, self._waiting_for_countdown = self._waiting_for_countdown, set()
+        forgotten: list[Request] = []
+        for request in waiting:
+            if id(request) in scheduled:  # its timer survived: it runs as planned
+                self._waiting_for_countdown.add(request)
+            elif not request.acknowledged and _still_unacknowledged(request):
+                forgotten.append(request)
+        for request in forgotten:
+            # Deferred to the event loop (``call_soon``), which runs again once reconnected.
+            request.reject(requeue=True)
+        if forgotten:
+            logger.warning(
+                "%s: %d task(s) waiting for their countdown go back on the queue once reconnected",
+                CONNECTION_LOST_MESSAGE,
+                len(forgotten),
+            )
+
+
+def _still_unacknowledged(request: Request) -> bool:
+    """Whether kombu still holds ``request``'s message as delivered to this worker: closing the
+    channel did not put it back on the queue (it cannot while Redis is unreachable)."""
+    message = request.message
+    try:
+        message.channel.qos.get(message.delivery_tag)
+    except KeyError:
+        return False
+    return True
