@@ -14,10 +14,14 @@ What becomes of a message a worker held when Redis died:
 * a retry's, waiting for its countdown: Celery forgets it when the connection is lost, and the
   worker puts it back on the queue once reconnected (``worker/broker.py`` ``Consumer``);
 * one ``BRPOP`` had just taken off the queue and the worker had not yet recorded as
-  unacknowledged (kombu takes a message in two steps; the record failed with Redis gone): it is
-  lost, as when a worker dies between the two steps (docs/reliability.md, kombu #305). Its job,
-  its code never presented, is closed ``code_expired`` by the sweep once the code has expired;
-  at most one such message per worker (each has one ``BRPOP`` at a time).
+  unacknowledged (kombu takes a message in two steps; the record fails with Redis gone): the
+  worker keeps it and records and requeues it once reconnected (``Consumer`` again).
+
+Only a message Redis removed from the queue in the instant before it died, its answer to the
+``BRPOP`` written to the append-only file but never sent, is lost: no one holds it, as when a
+worker dies between the two steps (docs/reliability.md, kombu #305). Its job, its code never
+presented, is closed ``code_expired`` by the sweep once the code has expired; at most one such
+message per worker (each has one ``BRPOP`` at a time).
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def test_workers_resume_by_themselves_after_redis_crashes_mid_load(
             time.sleep(DOWN_SECONDS)
             server.start()  # same port, same directory: the append-only file is replayed
 
-            # Every job ends, except one whose message Redis no longer holds anywhere.
+            # Every job ends, except one whose message Redis no longer holds anywhere (see above).
             def settled() -> list[SubmittedJob] | None:
                 lost = jobs_without_message(pipeline, jobs)
                 return lost if len(jobs) - count_in(pipeline, jobs) == len(lost) else None
@@ -128,7 +132,7 @@ def test_workers_resume_by_themselves_after_redis_crashes_mid_load(
                 "Redis crash mid-load",
                 seconds,
                 f"down {DOWN_SECONDS}s, {done_at_kill} of {len(jobs)} jobs done at the crash, "
-                f"{len(lost)} message(s) lost between BRPOP and unacked, workers not restarted",
+                f"{len(lost)} message(s) Redis no longer held, workers not restarted",
             )
             assert all(worker.is_running() for worker in workers)
             if lost:
@@ -229,5 +233,58 @@ def test_a_retry_waiting_for_its_countdown_when_redis_crashes_runs_soon_after_re
             assert outcome.attempts == 2
             assert_wechat_calls_accounted(pipeline, [job], outcome)
             assert "waiting for their countdown go back on the queue" in worker.output()
+    finally:
+        server.stop()
+
+
+#: Where the test keeps the job's message until the worker's other connections are cut.
+PARKED_KEY = "wxphone-test-parked"
+
+
+def blocked_in_brpop(admin: redis.Redis) -> bool:
+    return any("b" in client["flags"] for client in admin.client_list(_type="normal"))
+
+
+def test_a_message_redis_handed_over_just_before_it_went_away_is_put_back(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """kombu takes a message in two steps: ``BRPOP``, then a record in the unacknowledged set. When
+    Redis goes away between the two (a crash right after it answered), the worker holds the only
+    copy; it must record and requeue it once reconnected, not lose it (the job would wait, its code
+    never presented, until its code had expired). Here Redis stays up but refuses every connection
+    but the ``BRPOP`` itself when it hands the message over: the record fails, as after a crash."""
+    server = RedisServer(tmp_path / "redis-aof", appendonly=True)
+    server.start()
+    try:
+        with private_broker(pipeline, server.url(0), server.url(1)), server.client() as admin:
+            pipeline.settings.update(FAST_SETTINGS)
+            # Submitted with no worker running; the message is parked until the trap is set.
+            [job] = submit_jobs(pipeline, APP_A, 1, label="handover")
+            assert admin.lmove(JOB_QUEUE_KEY, PARKED_KEY) is not None
+            worker = pipeline.start_worker("handover", concurrency=1, pool="threads")
+            wait_for(lambda: blocked_in_brpop(admin), timeout_seconds=30, what="the worker's BRPOP")
+            # Every new connection refused, every other connection of the worker closed: the record
+            # that follows the BRPOP's answer cannot reach Redis.
+            admin.config_set("maxclients", 1)
+            for client in admin.client_list(_type="normal"):
+                if "b" not in client["flags"] and int(client["id"]) != admin.client_id():
+                    admin.client_kill_filter(_id=client["id"])
+            assert admin.lmove(PARKED_KEY, JOB_QUEUE_KEY) is not None  # BRPOP takes it at once
+            handed_over_at = time.monotonic()
+            worker.wait_for_output("consumer: Connection to broker lost", timeout_seconds=30)
+            admin.config_set("maxclients", 10000)
+
+            seconds = wait_until_terminal(
+                pipeline,
+                [job],
+                timeout_seconds=30,
+                since=handed_over_at,
+                why="the worker holds the only copy of the message and must put it back",
+            )
+            print_recovery("message handed over as Redis went away", seconds)
+            outcome = assert_all_terminal_and_correct(pipeline, [job])
+            assert outcome.succeeded == 1
+            assert_wechat_calls_accounted(pipeline, [job], outcome)
+            assert "taken off the queue but not recorded go back on the queue" in worker.output()
     finally:
         server.stop()
