@@ -113,6 +113,9 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         super().__init__(*args, **kwargs)
         #: Requests received with a countdown whose timer has not fired yet.
         self._waiting_for_countdown: set[Request] = set()
+        #: Size at which requests rejected instead of scheduled (an ETA the strategy cannot
+        #: convert) are dropped from the set above; doubles, so pruning stays cheap.
+        self._prune_waiting_at = 1024
         #: Messages (kombu's raw form) taken off the queue that could not be recorded.
         self._unrecorded: list[dict[str, Any]] = []
         signals.task_received.connect(self._on_task_received, sender=self, weak=False)
@@ -126,6 +129,11 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
             and (self.disable_rate_limits or not self.task_buckets[request.task.name])
         ):
             self._waiting_for_countdown.add(request)
+            if len(self._waiting_for_countdown) >= self._prune_waiting_at:
+                self._waiting_for_countdown = {
+                    each for each in self._waiting_for_countdown if not each.acknowledged
+                }
+                self._prune_waiting_at = max(1024, 2 * len(self._waiting_for_countdown))
 
     def apply_eta_task(self, task: Request) -> None:
         self._waiting_for_countdown.discard(task)
@@ -136,7 +144,10 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         # kombu has registered a delivery callback per queue on the new channel.
         super().on_ready()
         channel = self.task_consumer.channel
-        callbacks = getattr(channel.connection, "_callbacks", None)  # kombu's virtual transports
+        # kombu's virtual transports (Redis) deliver through ``Transport._callbacks``, one callback
+        # per queue, which records the message and hands it to Celery. kombu is pinned to the
+        # minor version this is written against (pyproject.toml).
+        callbacks = getattr(channel.connection, "_callbacks", None)
         if callbacks is None:
             return
         for queue in self.task_consumer.queues:
