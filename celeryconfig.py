@@ -53,6 +53,10 @@ worker_prefetch_multiplier = 1
 worker_hijack_root_logger = False
 worker_send_task_events = False
 worker_cancel_long_running_tasks_on_connection_loss = False
+#: Celery's consumer, which also puts back on the queue what a lost broker connection leaves in a
+#: worker's hands alone: retries waiting for their countdown (Celery forgets them) and a message
+#: Redis handed over just before it went away (kombu could not record it). See worker/broker.py.
+worker_consumer = "worker.broker:Consumer"
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 

@@ -18,6 +18,27 @@ reconnect, and it logs one WARNING line starting with the same words as Celery's
 Why the pub/sub connection needs no watch of its own: its loss always restarts the consumer,
 provided the broker transport options leave redis-py's command retry off (no
 ``retry_on_timeout``; see ``celeryconfig.py`` and docs/reliability.md).
+
+:class:`Consumer` (``worker_consumer`` in ``celeryconfig.py``) puts back on the queue, once it
+is connected again, two kinds of message a lost connection left in this worker's hands alone:
+
+* **Retries waiting for their countdown.** A worker takes a retry's message off the queue at once
+  and holds it, unacknowledged, until its countdown ends (a timer entry in the event loop). When
+  the event loop fails on a lost connection, Celery 5.6.3 clears every timer entry
+  (``celery/worker/loops.py`` ``asynloop``: ``hub.timer.clear()``, celery/celery#10218), those
+  too; nothing runs or acknowledges those messages any more. kombu puts a closed channel's
+  unacknowledged messages back on the queue (``Channel.close``), but only if Redis answers at that
+  moment: not after a crash or a failover, nor when a ``BRPOP`` was pending on the dead connection
+  (``kombu/transport/redis.py`` ``Channel.close`` reads it first, and that read raises). Those
+  messages came back only after the visibility timeout (600 s by default: past the code's life).
+* **A message Redis handed over and the worker could not record.** kombu takes a message in two
+  steps: ``BRPOP`` removes it from the queue, then the worker records it as unacknowledged
+  (``Channel._brpop_read``, then ``QoS.append``; kombu #305). When Redis goes away between the
+  two (a crash right after it answered the ``BRPOP``), the record fails and the message, in
+  neither place, was lost: its job waited, its code never presented, until the sweep closed it
+  ``code_expired``. The consumer keeps such a message and records and requeues it once
+  reconnected, as kombu requeues a message no consumer wants
+  (``kombu/transport/virtual/base.py`` ``Transport._reject_inbound_message``).
 """
 
 from __future__ import annotations
@@ -26,9 +47,11 @@ import logging
 import weakref
 from typing import Any
 
-from celery import bootsteps
+from celery import bootsteps, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.request import Request
 
-__all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch"]
+__all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch", "Consumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +102,127 @@ class BrokerConnectionWatch(bootsteps.StartStopStep):  # type: ignore[misc]  # C
             CONNECTION_LOST_MESSAGE,
             self._broker_uri,
         )
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
+    """Celery's consumer, which puts back on the queue, once reconnected, the retries waiting for
+    their countdown and the messages it could not record when the broker connection was lost (see
+    the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Requests received with a countdown whose timer has not fired yet.
+        self._waiting_for_countdown: set[Request] = set()
+        #: Size at which requests rejected instead of scheduled (an ETA the strategy cannot
+        #: convert) are dropped from the set above; doubles, so pruning stays cheap.
+        self._prune_waiting_at = 1024
+        #: Messages (kombu's raw form) taken off the queue that could not be recorded.
+        self._unrecorded: list[dict[str, Any]] = []
+        signals.task_received.connect(self._on_task_received, sender=self, weak=False)
+
+    def _on_task_received(self, sender: Any = None, request: Request | None = None, **_: Any) -> None:
+        # The strategy schedules a request with an ETA on the timer (``apply_eta_task``), unless a
+        # rate limit applies (wxphone sets none): those wait in a token bucket instead.
+        if (
+            request is not None
+            and request.eta
+            and (self.disable_rate_limits or not self.task_buckets[request.task.name])
+        ):
+            self._waiting_for_countdown.add(request)
+            if len(self._waiting_for_countdown) >= self._prune_waiting_at:
+                self._waiting_for_countdown = {
+                    each for each in self._waiting_for_countdown if not each.acknowledged
+                }
+                self._prune_waiting_at = max(1024, 2 * len(self._waiting_for_countdown))
+
+    def apply_eta_task(self, task: Request) -> None:
+        self._waiting_for_countdown.discard(task)
+        super().apply_eta_task(task)
+
+    def on_ready(self) -> None:
+        # Called each time the event loop starts, once the task consumer consumes (``asynloop``):
+        # kombu has registered a delivery callback per queue on the new channel.
+        super().on_ready()
+        channel = self.task_consumer.channel
+        # kombu's virtual transports (Redis) deliver through ``Transport._callbacks``, one callback
+        # per queue, which records the message and hands it to Celery. kombu is pinned to the
+        # minor version this is written against (pyproject.toml).
+        callbacks = getattr(channel.connection, "_callbacks", None)
+        if callbacks is None:
+            return
+        for queue in self.task_consumer.queues:
+            deliver = callbacks.get(queue.name)
+            if deliver is not None and not isinstance(deliver, _KeepUnrecorded):
+                callbacks[queue.name] = _KeepUnrecorded(deliver, channel, self._unrecorded)
+
+    def on_connection_error_after_connected(self, exc: BaseException) -> None:
+        super().on_connection_error_after_connected(exc)  # closes the lost channel
+        scheduled = {id(arg) for item in self.timer.queue for arg in item.entry.args}
+        waiting, self._waiting_for_countdown = self._waiting_for_countdown, set()
+        forgotten: list[Request] = []
+        for request in waiting:
+            if id(request) in scheduled:  # its timer survived: it runs as planned
+                self._waiting_for_countdown.add(request)
+            elif not request.acknowledged and _still_unacknowledged(request):
+                forgotten.append(request)
+        for request in forgotten:
+            # Deferred to the event loop (``call_soon``), which runs again once reconnected.
+            request.reject(requeue=True)
+        if forgotten:
+            logger.warning(
+                "%s: %d task(s) waiting for their countdown go back on the queue once reconnected",
+                CONNECTION_LOST_MESSAGE,
+                len(forgotten),
+            )
+        if self._unrecorded:
+            logger.warning(
+                "%s: %d message(s) taken off the queue but not recorded go back on the queue once "
+                "reconnected",
+                CONNECTION_LOST_MESSAGE,
+                len(self._unrecorded),
+            )
+            self.call_soon(self._put_back_unrecorded)
+
+    def _put_back_unrecorded(self) -> None:
+        """Record each kept message as unacknowledged on the current channel, then requeue it."""
+        channel = self.task_consumer.channel
+        while self._unrecorded:
+            message = channel.Message(self._unrecorded[0], channel=channel)
+            try:
+                channel.qos.append(message, message.delivery_tag)
+            except self.connection_errors:
+                return  # lost again: the next reconnect tries again
+            del self._unrecorded[0]
+            # Recorded: a requeue that fails now leaves it to come back after the visibility timeout.
+            message.reject_log_error(logger, self.connection_errors, requeue=True)
+
+
+class _KeepUnrecorded:
+    """kombu's delivery callback for one queue, keeping the message when recording it as
+    unacknowledged fails on a lost connection (the error still propagates: the consumer restarts)."""
+
+    def __init__(self, deliver: Any, channel: Any, kept: list[dict[str, Any]]) -> None:
+        self._deliver = deliver
+        self._channel = channel
+        self._kept = kept
+
+    def __call__(self, raw_message: dict[str, Any]) -> Any:
+        try:
+            return self._deliver(raw_message)
+        except self._channel.connection_errors:
+            try:
+                self._channel.qos.get(raw_message["properties"]["delivery_tag"])
+            except KeyError:  # not recorded: Redis no longer holds it anywhere
+                self._kept.append(raw_message)
+            raise
+
+
+def _still_unacknowledged(request: Request) -> bool:
+    """Whether kombu still holds ``request``'s message as delivered to this worker: closing the
+    channel did not put it back on the queue (it cannot while Redis is unreachable)."""
+    message = request.message
+    try:
+        message.channel.qos.get(message.delivery_tag)
+    except KeyError:
+        return False
+    return True
