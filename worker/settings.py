@@ -45,6 +45,9 @@ from pydantic_settings import (
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "WXPHONE_"
+#: How much longer than the longest retry countdown the visibility timeout must be: a restore scan
+#: every 5 s, and time for the countdown's timer to fire and the task to start.
+VISIBILITY_MARGIN_SECONDS = 15.0
 APPID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 #: The default WeChat API base (production).
@@ -359,10 +362,17 @@ class Settings(BaseSettings):
     database_retry_max_seconds: float = Field(default=30.0, gt=0)
 
     # Delivery: one hard limit per task run, one visibility timeout everywhere (broker, results,
-    # Celery). Checked below: visibility > hard limit + the longest retry countdown.
+    # Celery). A dead worker's unacknowledged messages come back after the visibility timeout, so
+    # it is short next to a code's 5-minute life; a message of a task still running that comes
+    # back waits for that run (liveness leases). Every retry countdown is capped well below it
+    # (checked below): a retry waiting for its countdown in a worker must not come back as a
+    # second delivery.
     task_time_limit_seconds: float = Field(default=120.0, gt=0)
     task_soft_time_limit_seconds: float = Field(default=100.0, gt=0)
-    visibility_timeout_seconds: float = Field(default=600.0, gt=0)
+    visibility_timeout_seconds: float = Field(default=60.0, gt=0)
+    #: The longest countdown a retry asks the broker for; a longer wait (a 45011 minute, a run
+    #: elsewhere that may still end) is taken in several hops.
+    retry_countdown_max_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
     #: Each worker process holds a liveness lease in Redis this long, renewed 8 times per period.
     #: A job running under a process whose lease lapsed may be taken over by another delivery;
@@ -634,11 +644,17 @@ class Settings(BaseSettings):
                 "WXPHONE_RUNNER_LEASE_SECONDS must exceed the HTTP connect+read timeout plus 2 s by a "
                 "quarter of the lease (two renewals), so that a live worker keeps presenting codes"
             )
-        needed = self.task_time_limit_seconds + self.longest_retry_delay_seconds
-        if self.visibility_timeout_seconds <= needed:
+        needed = self.retry_countdown_max_seconds + VISIBILITY_MARGIN_SECONDS
+        if self.visibility_timeout_seconds < needed:
             raise ValueError(
-                f"WXPHONE_VISIBILITY_TIMEOUT_SECONDS must exceed the task time limit plus the "
-                f"longest retry delay ({needed:.0f}s), or running tasks are delivered twice"
+                f"WXPHONE_VISIBILITY_TIMEOUT_SECONDS must be at least WXPHONE_RETRY_COUNTDOWN_MAX_SECONDS "
+                f"+ {VISIBILITY_MARGIN_SECONDS:.0f} s ({needed:.0f}s): a retry waiting for its countdown "
+                "in a worker would otherwise come back as a second delivery"
+            )
+        if self.visibility_timeout_seconds >= self.code_lifetime_seconds:
+            raise ValueError(
+                "WXPHONE_VISIBILITY_TIMEOUT_SECONDS must be below WXPHONE_CODE_LIFETIME_SECONDS: a dead "
+                "worker's messages come back only after it, and a code dies with its life"
             )
         return self
 
@@ -659,13 +675,8 @@ class Settings(BaseSettings):
 
     @property
     def longest_retry_delay_seconds(self) -> float:
-        """The longest countdown any wxphone task asks for when it retries."""
-        return max(
-            self.retry_backoff_max_seconds,
-            self.rate_limit_window_seconds + 2.0,  # waiting out a 45011 or a local limit
-            self.stale_claim_seconds,  # waiting for another delivery's claim to go stale
-            self.database_retry_max_seconds,  # backoff while PostgreSQL is unreachable
-        )
+        """The longest countdown any wxphone task asks the broker for (every retry is capped)."""
+        return self.retry_countdown_max_seconds
 
     @property
     def wechat_call_budget_seconds(self) -> float:

@@ -281,3 +281,57 @@ def test_a_message_a_worker_took_but_had_not_recorded_when_killed_is_closed_by_t
     assert (row["status"], row["error_code"], row["attempts"]) == ("failed", "code_expired", 0)
     assert outcome.succeeded == len(ran_as_usual)
     assert pipeline.sandbox.stats()["code_presentations"].get("0") == 1  # its code was never presented
+
+
+#: What the shipped defaults promise after a whole worker dies (issue: a dead host's jobs come back
+#: while their codes live): the last job whose message Redis still holds is terminal this soon.
+DEFAULTS_RECOVERY_BOUND_SECONDS = 120
+
+
+def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_live(
+    pipeline: Pipeline,
+) -> None:
+    """A whole worker SIGKILLed mid-load, with every delivery timing at its shipped default (no
+    FAST_SETTINGS): its running and reserved messages come back after the visibility timeout, the
+    dead process's claims are taken over (its lease has lapsed by then), and every job whose code
+    the dead worker had not presented succeeds, within two minutes of the kill."""
+    defaults = load_settings()
+    for timing in ("visibility_timeout_seconds", "runner_lease_seconds", "task_time_limit_seconds"):
+        assert timing not in pipeline.settings  # what a user runs
+    pipeline.sandbox.configure(latency_ms={"phone": 300})
+    doomed = pipeline.start_worker("doomed", concurrency=8, pool="threads")
+    jobs = submit_jobs(pipeline, APP_A, 15, label="dflt") + submit_jobs(pipeline, APP_B, 15, label="dflt")
+    wait_for(
+        lambda: pipeline.sandbox.stats()["endpoints"].get("phone", {}).get("calls", 0) >= 6,
+        timeout_seconds=60,
+        what="six exchanges",
+    )
+    doomed.kill()
+    killed_at = time.monotonic()
+    lost = jobs_without_message(pipeline, jobs)
+    pipeline.start_worker("replacement", concurrency=8, pool="threads")
+
+    seconds = wait_until_terminal(
+        pipeline,
+        [job for job in jobs if job not in lost],
+        timeout_seconds=DEFAULTS_RECOVERY_BOUND_SECONDS,
+        since=killed_at,
+        why=f"with the defaults (visibility {defaults.visibility_timeout_seconds:.0f}s) a dead worker's "
+        f"jobs must finish within {DEFAULTS_RECOVERY_BOUND_SECONDS}s of the kill",
+    )
+    print_recovery(
+        "whole worker SIGKILL, shipped defaults",
+        seconds,
+        f"visibility {defaults.visibility_timeout_seconds:.0f}s, lease {defaults.runner_lease_seconds:.0f}s; "
+        f"{len(lost)} message(s) lost between BRPOP and unacked",
+    )
+    time.sleep(0.5)  # the last replies of the dead worker's requests
+    kept = [job for job in jobs if job not in lost]
+    outcome = assert_all_terminal_and_correct(pipeline, kept, allowed_errors={"reply_lost"})
+    # Only a code the dead worker had presented may be lost: every other job succeeded.
+    assert outcome.failed("reply_lost") <= outcome.lost_replies
+    assert outcome.succeeded + outcome.failed("reply_lost") == len(kept)
+    assert_codes_match_outcomes(pipeline, kept, outcome)
+    # A message kombu lost between BRPOP and its unacknowledged record never ran: its job waits
+    # for the sweep (its code's life), its code never presented.
+    assert count_in(pipeline, lost, "queued") == len(lost)

@@ -65,8 +65,7 @@ SPENT_AND_LOST = frozenset({"reply_lost"})
 MAYBE_SPENT = frozenset({"worker_lost"})
 
 #: Short timings for fault tests (seconds); every start-up invariant of the settings holds:
-#: soft > HTTP connect + read + token wait; visibility > hard + the longest retry countdown
-#: (here the stale-claim wait, hard + 15).
+#: soft > HTTP connect + read + token wait; visibility >= the longest retry countdown + 15 s.
 FAST_SETTINGS: dict[str, Any] = {
     "http_connect_timeout_seconds": 1,
     "http_read_timeout_seconds": 3,
@@ -79,6 +78,7 @@ FAST_SETTINGS: dict[str, Any] = {
     "rate_limit_window_seconds": 5,
     "database_retry_max_seconds": 2,
     "visibility_timeout_seconds": 35,
+    "retry_countdown_max_seconds": 15,
     "sweep_interval_seconds": 5,
 }
 

@@ -159,3 +159,33 @@ def test_secrets_stay_out_of_settings_repr(monkeypatch: pytest.MonkeyPatch) -> N
     assert SECRET_A not in repr(settings)
     assert SECRET_A not in str(settings)
     assert isinstance(settings, Settings)
+
+
+def test_the_shipped_delivery_defaults_fit_inside_a_codes_life() -> None:
+    """A dead worker's messages come back after the visibility timeout plus a restore scan, and
+    its claims are taken over once its lease has lapsed: with the defaults that is well inside the
+    5-minute life of the code, with time left for the run and a retry or two."""
+    settings = load_settings()
+    restore_scan_seconds = 5
+    comes_back_after = settings.visibility_timeout_seconds + restore_scan_seconds
+    assert settings.runner_lease_seconds < settings.visibility_timeout_seconds
+    assert comes_back_after <= 120 <= settings.code_lifetime_seconds / 2
+    # No retry waits in a worker long enough to come back as a second delivery.
+    assert settings.longest_retry_delay_seconds + 15 <= settings.visibility_timeout_seconds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        (
+            {"visibility_timeout_seconds": 40, "retry_countdown_max_seconds": 30},
+            "WXPHONE_VISIBILITY_TIMEOUT_SECONDS",
+        ),
+        ({"visibility_timeout_seconds": 300}, "WXPHONE_VISIBILITY_TIMEOUT_SECONDS"),
+    ],
+)
+def test_delivery_timings_that_break_the_code_clock_are_refused(
+    overrides: dict[str, float], variable: str
+) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(**overrides)

@@ -40,8 +40,14 @@ SWEEP_STUCK_JOBS = "wxphone.sweep_stuck_jobs"
 
 
 def _retry(task: Task, countdown: float) -> Exception:
-    """``task.retry``; when the retry cannot be published (broker down), requeue the message
-    instead of dropping it: Celery rejects it *without* requeue, which loses the job."""
+    """``task.retry`` after ``countdown`` seconds, at most ``WXPHONE_RETRY_COUNTDOWN_MAX_SECONDS``
+    (a longer wait is taken in hops: the task finds it must wait again and retries again). A
+    countdown waits in a worker's unacknowledged set, and one that outlived the visibility timeout
+    would come back as a second delivery.
+
+    When the retry cannot be published (broker down), requeue the message instead of dropping
+    it: Celery rejects it *without* requeue, which loses the job."""
+    countdown = min(countdown, get_runtime().settings.retry_countdown_max_seconds)
     try:
         retry: Exception = task.retry(countdown=countdown)
     except Reject as rejected:
