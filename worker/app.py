@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker.broker import BrokerConnectionWatch
+from worker.broker import BrokerConnectionWatch, UnackedRestore
 from worker.db import SchemaNotAtHeadError, check_schema_at_head
 from worker.keychecks import verify_shared_key
 from worker.logs import configure_logging
@@ -18,6 +18,8 @@ app.config_from_object("celeryconfig")
 app.conf.include = ["worker.tokens.tasks", "worker.jobs.tasks"]
 # One WARNING line when kombu silently re-opens the connection the worker consumes on.
 app.steps["consumer"].add(BrokerConnectionWatch)
+# A worker without an event loop (gevent) restores a dead worker's messages on a timer of its own.
+app.steps["consumer"].add(UnackedRestore)
 
 
 @signals.setup_logging.connect

@@ -288,8 +288,9 @@ def test_a_message_a_worker_took_but_had_not_recorded_when_killed_is_closed_by_t
 DEFAULTS_RECOVERY_BOUND_SECONDS = 120
 
 
+@pytest.mark.parametrize("pool", ["threads", "gevent"])
 def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_live(
-    pipeline: Pipeline,
+    pipeline: Pipeline, pool: str
 ) -> None:
     """A whole worker SIGKILLed mid-load, with every delivery timing at its shipped default (no
     FAST_SETTINGS): its running and reserved messages come back after the visibility timeout, the
@@ -299,7 +300,7 @@ def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_
     for timing in ("visibility_timeout_seconds", "runner_lease_seconds", "task_time_limit_seconds"):
         assert timing not in pipeline.settings  # what a user runs
     pipeline.sandbox.configure(latency_ms={"phone": 300})
-    doomed = pipeline.start_worker("doomed", concurrency=8, pool="threads")
+    doomed = pipeline.start_worker("doomed", concurrency=8, pool=pool)
     jobs = submit_jobs(pipeline, APP_A, 15, label="dflt") + submit_jobs(pipeline, APP_B, 15, label="dflt")
     wait_for(
         lambda: pipeline.sandbox.stats()["endpoints"].get("phone", {}).get("calls", 0) >= 6,
@@ -308,8 +309,10 @@ def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_
     )
     doomed.kill()
     killed_at = time.monotonic()
+    with redis.Redis.from_url(pipeline.broker_url) as broker:
+        held_by_the_dead = int(broker.hlen("unacked"))
     lost = jobs_without_message(pipeline, jobs)
-    pipeline.start_worker("replacement", concurrency=8, pool="threads")
+    pipeline.start_worker("replacement", concurrency=8, pool=pool)
 
     seconds = wait_until_terminal(
         pipeline,
@@ -320,10 +323,10 @@ def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_
         f"jobs must finish within {DEFAULTS_RECOVERY_BOUND_SECONDS}s of the kill",
     )
     print_recovery(
-        "whole worker SIGKILL, shipped defaults",
+        f"whole worker SIGKILL, shipped defaults, {pool} pool",
         seconds,
         f"visibility {defaults.visibility_timeout_seconds:.0f}s, lease {defaults.runner_lease_seconds:.0f}s; "
-        f"{len(lost)} message(s) lost between BRPOP and unacked",
+        f"{held_by_the_dead} message(s) held by the dead worker, {len(lost)} lost between BRPOP and unacked",
     )
     time.sleep(0.5)  # the last replies of the dead worker's requests
     kept = [job for job in jobs if job not in lost]
@@ -335,3 +338,4 @@ def test_with_the_shipped_defaults_a_dead_workers_jobs_finish_while_their_codes_
     # A message kombu lost between BRPOP and its unacknowledged record never ran: its job waits
     # for the sweep (its code's life), its code never presented.
     assert count_in(pipeline, lost, "queued") == len(lost)
+    assert held_by_the_dead > 0  # the kill caught messages the dead worker held

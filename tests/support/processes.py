@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.support.waiting import wait_for
 
-WXPHONE = [sys.executable, "-m", "worker.cli"]
+WXPHONE = [sys.executable, "-m", "worker"]  # as the `wxphone` script: gevent patched first
 
 
 def base_environment(**wxphone_settings: object) -> dict[str, str]:

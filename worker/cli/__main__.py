@@ -1,5 +1,6 @@
-"""``python -m worker.cli`` runs the wxphone command line."""
+"""``python -m worker.cli`` runs the wxphone command line. (For the gevent pool use ``wxphone`` or
+``python -m worker``: importing this package imports what gevent must patch first.)"""
 
-from worker.cli import main
+from worker.launch import main
 
 main()
