@@ -81,9 +81,8 @@ class UnackedRestore(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery i
     def start(self, c: Any) -> None:
         if c.hub is not None:
             return  # the event loop's timer scans already (unacked_restore_interval)
-        channel = getattr(c.task_consumer, "channel", None)
-        qos = getattr(channel, "qos", None)
-        if not hasattr(qos, "restore_visible"):
+        channel: Any = getattr(c.task_consumer, "channel", None)
+        if not hasattr(getattr(channel, "qos", None), "restore_visible"):
             return  # not the Redis transport: the broker redelivers by itself
         interval = float(channel.unacked_restore_interval)
         self._timer_entry = c.timer.call_repeatedly(interval, self._restore, (c,))
