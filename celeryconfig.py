@@ -4,7 +4,9 @@ Queues: ``wxphone`` carries phone and login jobs; ``wxphone.token`` carries toke
 the stuck-job sweep, so neither waits behind a backlog of jobs.
 
 Delivery is at-least-once: late acks, requeue when a pool child dies, one message reserved per
-pool slot, and one visibility timeout applied to the broker, the result backend and Celery.
+pool slot. The broker is Redis (one visibility timeout applied to the broker, the result backend
+and Celery) or RabbitMQ (which requeues a lost consumer's messages at once); see
+docs/reliability.md, "Choosing a broker".
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ TASK_SOFT_TIME_LIMIT_SECONDS = _settings.task_soft_time_limit_seconds
 VISIBILITY_TIMEOUT_SECONDS = _settings.visibility_timeout_seconds
 
 broker_url = _settings.broker_url
-result_backend = _settings.broker_url
 result_expires = 24 * 3600
 result_extended = False
 
@@ -84,7 +85,7 @@ UNACKED_MUTEX_EXPIRE_SECONDS = 10
 #: no timeout: a worker whose connections were cut waited there for ever, consuming nothing and
 #: logging nothing. Without a retry the read raises, and Celery restarts the consumer (and says
 #: so). docs/reliability.md, "Broker connection loss".
-broker_transport_options: dict[str, Any] = {
+REDIS_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "max_connections": BROKER_MAX_CONNECTIONS,
     "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
     "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_SECONDS,
@@ -95,6 +96,35 @@ broker_transport_options: dict[str, Any] = {
     "socket_keepalive": True,
     "health_check_interval": 25,
 }
+
+#: RabbitMQ (docs/reliability.md, "Choosing a broker"). The queues are RabbitMQ's classic durable
+#: queues, declared without arguments, exactly as any Celery client declares a queue it sends to
+#: by name: a quorum queue (``x-queue-type``) would make such a producer's declaration fail with
+#: PRECONDITION_FAILED. Messages are persistent (Celery's default delivery mode).
+#:
+#: * Publisher confirms: a publish (a submission, a retry) returns only once RabbitMQ has taken
+#:   the message, so a connection lost mid-publish raises instead of losing the job silently.
+#: * Heartbeats every 20 s: RabbitMQ closes the connection of a worker whose host vanished without
+#:   closing its sockets (power loss, a network partition) after about two missed heartbeats, and
+#:   requeues its unacknowledged messages then; Celery's default (120 s) would hold them for
+#:   minutes of the code's life. A killed process's sockets close at once.
+#: * ``consumer_timeout`` (RabbitMQ's, 30 minutes by default) closes the channel of a consumer that
+#:   holds a message unacknowledged longer: wxphone holds one at most for the hard time limit
+#:   (a run) or the longest retry countdown (a retry waiting in the worker), far below it.
+RABBITMQ_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "confirm_publish": True,
+    "connect_timeout": 5,
+}
+RABBITMQ_HEARTBEAT_SECONDS = 20
+
+if _settings.broker_is_rabbitmq:
+    broker_transport_options: dict[str, Any] = RABBITMQ_BROKER_TRANSPORT_OPTIONS
+    broker_heartbeat = RABBITMQ_HEARTBEAT_SECONDS
+else:
+    broker_transport_options = REDIS_BROKER_TRANSPORT_OPTIONS
+#: Results (a login's openid and unionid) live in Redis: the broker's, or with RabbitMQ the token
+#: store's. Results are kept for a day; nothing waits on them but the front end that asked.
+result_backend = _settings.result_backend_url
 result_backend_transport_options: dict[str, Any] = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
 visibility_timeout = VISIBILITY_TIMEOUT_SECONDS
 

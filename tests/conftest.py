@@ -88,18 +88,34 @@ def migrated_database_url(database_url: str) -> str:
     return database_url
 
 
+@pytest.fixture(params=["redis"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """The broker the ``pipeline`` fixture runs on: Redis unless a test parametrizes ``broker``."""
+    return str(request.param)
+
+
 @pytest.fixture
 def pipeline(
-    migrated_database_url: str, redis_urls: RedisUrls, sandbox: SandboxAdmin, log_dir: Path
+    migrated_database_url: str,
+    redis_urls: RedisUrls,
+    sandbox: SandboxAdmin,
+    log_dir: Path,
+    broker: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Pipeline]:
-    """A clean wxphone (empty tables, Redis and sandbox) with the apps of ``tests.support.pipeline``.
+    """A clean wxphone (empty tables, broker, Redis and sandbox) with the apps of
+    ``tests.support.pipeline``, on the test's ``broker`` (a private RabbitMQ for ``rabbitmq``;
+    the token store is Redis either way).
 
     Start processes with ``pipeline.start_worker()`` / ``pipeline.start_beat()``; they are
     stopped when the test ends.
     """
+    broker_url = redis_urls.broker_url
+    if broker == "rabbitmq":
+        broker_url = str(request.getfixturevalue("rabbitmq_url"))
     with running_pipeline(
         database_url=migrated_database_url,
-        broker_url=redis_urls.broker_url,
+        broker_url=broker_url,
         redis_url=redis_urls.redis_url,
         sandbox=sandbox,
         log_dir=log_dir,

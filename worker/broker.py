@@ -20,7 +20,9 @@ provided the broker transport options leave redis-py's command retry off (no
 ``retry_on_timeout``; see ``celeryconfig.py`` and docs/reliability.md).
 
 :class:`Consumer` (``worker_consumer`` in ``celeryconfig.py``) puts back on the queue, once it
-is connected again, two kinds of message a lost connection left in this worker's hands alone:
+is connected again, two kinds of message a lost Redis connection left in this worker's hands
+alone (RabbitMQ needs none of this: it requeues a closed connection's unacknowledged messages
+itself, the moment the connection closes):
 
 * **Retries waiting for their countdown.** A worker takes a retry's message off the queue at once
   and holds it, unacknowledged, until its countdown ends (a timer entry in the event loop). When
@@ -51,6 +53,8 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
+
+from worker.settings import REDIS_URL_SCHEMES
 
 __all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch", "Consumer", "UnackedRestore"]
 
@@ -158,13 +162,17 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         self._prune_waiting_at = 1024
         #: Messages (kombu's raw form) taken off the queue that could not be recorded.
         self._unrecorded: list[dict[str, Any]] = []
+        #: Only a Redis broker leaves such messages behind: RabbitMQ requeues every unacknowledged
+        #: message of a closed connection by itself, countdown retries included.
+        self._redis_broker = str(self.app.conf.broker_url or "").startswith(REDIS_URL_SCHEMES)
         signals.task_received.connect(self._on_task_received, sender=self, weak=False)
 
     def _on_task_received(self, sender: Any = None, request: Request | None = None, **_: Any) -> None:
         # The strategy schedules a request with an ETA on the timer (``apply_eta_task``), unless a
         # rate limit applies (wxphone sets none): those wait in a token bucket instead.
         if (
-            request is not None
+            self._redis_broker
+            and request is not None
             and request.eta
             and (self.disable_rate_limits or not self.task_buckets[request.task.name])
         ):
@@ -183,6 +191,8 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         # Called each time the event loop starts, once the task consumer consumes (``asynloop``):
         # kombu has registered a delivery callback per queue on the new channel.
         super().on_ready()
+        if not self._redis_broker:
+            return
         channel = self.task_consumer.channel
         # kombu's virtual transports (Redis) deliver through ``Transport._callbacks``, one callback
         # per queue, which records the message and hands it to Celery. kombu is pinned to the
@@ -197,6 +207,8 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
 
     def on_connection_error_after_connected(self, exc: BaseException) -> None:
         super().on_connection_error_after_connected(exc)  # closes the lost channel
+        if not self._redis_broker:
+            return
         scheduled = {id(arg) for item in self.timer.queue for arg in item.entry.args}
         waiting, self._waiting_for_countdown = self._waiting_for_countdown, set()
         forgotten: list[Request] = []

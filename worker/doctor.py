@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
+from kombu.connection import Connection
+from kombu.entity import Queue
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db import SchemaNotAtHeadError, check_schema_at_head, describe_database, make_engine
@@ -77,6 +79,68 @@ def _check_redis(name: str, url: str, *, holds: str) -> Iterator[Finding]:
         )
 
 
+#: The queues a RabbitMQ broker carries, declared as every Celery client declares a queue it sends
+#: to by name (durable, no arguments: a classic queue).
+RABBITMQ_QUEUES = ("wxphone", "wxphone.token")
+RABBITMQ_TIMEOUT_SECONDS = 5.0
+
+
+def _check_rabbitmq(url: str) -> Iterator[Finding]:
+    """Reachable, and each wxphone queue that exists is one a plain Celery producer can declare
+    (a durable classic queue without arguments): a quorum or non-durable queue of the same name
+    makes every such producer's publish fail with PRECONDITION_FAILED."""
+    connect: Any = Connection  # kombu is untyped
+    connection: Any = connect(url, connect_timeout=RABBITMQ_TIMEOUT_SECONDS)
+    with connection:
+        where = connection.as_uri()  # password masked
+        try:
+            connection.ensure_connection(max_retries=1, timeout=RABBITMQ_TIMEOUT_SECONDS)
+        except Exception as error:  # kombu raises the transport's own errors: report any
+            yield Finding("broker", "fail", f"{where} unreachable ({type(error).__name__})")
+            return
+        version = connection.connection.server_properties.get("version", "?")
+        yield Finding("broker", "ok", f"{where} answers (RabbitMQ {_text(version)})")
+        for name in RABBITMQ_QUEUES:
+            yield _check_rabbitmq_queue(connection, name)
+
+
+def _check_rabbitmq_queue(connection: Any, name: str) -> Finding:
+    declare: Any = Queue  # kombu is untyped
+    channel = connection.channel()
+    try:
+        try:
+            declare(name, channel=channel, passive=True).declare()
+        except connection.channel_errors:  # NOT_FOUND closes the channel
+            return Finding(f"broker queue {name}", "ok", "not declared yet: the first worker declares it")
+        channel.close()
+        channel = connection.channel()
+        try:
+            # Celery's own declaration: idempotent on an equivalent queue, refused otherwise.
+            declare(name, channel=channel, durable=True).declare()
+        except connection.channel_errors as error:
+            return Finding(
+                f"broker queue {name}",
+                "fail",
+                f"exists with other arguments than a plain Celery client declares ({type(error).__name__}): "
+                "it must be a durable classic queue without arguments; delete it (when empty) and let a "
+                "worker declare it",
+            )
+        return Finding(f"broker queue {name}", "ok", "durable classic queue")
+    finally:
+        channel.close()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_broker(settings: Settings) -> Iterator[Finding]:
+    if settings.broker_is_rabbitmq:
+        yield from _check_rabbitmq(settings.broker_url)
+    else:
+        yield from _check_redis("broker", settings.broker_url, holds=BROKER_HOLDS)
+
+
 def _check_database(settings: Settings) -> Iterator[Finding]:
     where = describe_database(settings.database_url)
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
@@ -133,6 +197,15 @@ def _check_keys(settings: Settings) -> Iterator[Finding]:
 
 
 def _check_delivery(settings: Settings) -> Iterator[Finding]:
+    if settings.broker_is_rabbitmq:
+        yield Finding(
+            "delivery",
+            "ok",
+            "RabbitMQ requeues a lost worker's messages at once; longest hold of a message "
+            f"{max(settings.task_time_limit_seconds, settings.longest_retry_delay_seconds):.0f}s, far "
+            "below RabbitMQ's consumer_timeout (30 min by default)",
+        )
+        return
     yield Finding(
         "delivery",
         "ok",
@@ -149,7 +222,7 @@ def run_checks(settings: Settings) -> list[Finding]:
         lambda: _check_api_base(settings),
         lambda: _check_keys(settings),
         lambda: _check_delivery(settings),
-        lambda: _check_redis("broker", settings.broker_url, holds=BROKER_HOLDS),
+        lambda: _check_broker(settings),
         lambda: _check_redis("token store", settings.redis_url, holds=TOKEN_STORE_HOLDS),
         lambda: _check_database(settings),
     ]

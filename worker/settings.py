@@ -50,6 +50,11 @@ ENV_PREFIX = "WXPHONE_"
 VISIBILITY_MARGIN_SECONDS = 15.0
 APPID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+#: URL schemes of a Redis server (broker, result backend, token store).
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+#: URL schemes of a RabbitMQ broker (kombu's py-amqp transport).
+RABBITMQ_URL_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
 #: The default WeChat API base (production).
 DEFAULT_WECHAT_API_BASE = "https://api.weixin.qq.com"
 #: WeChat's own API hosts (api, api2, sh.api, sz.api, hk.api, ...) are under this domain: always
@@ -469,10 +474,17 @@ class Settings(BaseSettings):
         # SQLAlchemy would pick psycopg2 for a bare postgresql:// URL; we ship psycopg 3.
         return value.replace("postgresql://", "postgresql+psycopg://", 1)
 
-    @field_validator("broker_url", "redis_url")
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        if not value.startswith(REDIS_URL_SCHEMES + RABBITMQ_URL_SCHEMES):
+            raise ValueError("must be a redis://, rediss://, amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
+        if not value.startswith(REDIS_URL_SCHEMES):
             raise ValueError("must be a redis:// or rediss:// URL")
         return value
 
@@ -659,6 +671,18 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def broker_is_rabbitmq(self) -> bool:
+        """Whether the broker is RabbitMQ (it redelivers a lost consumer's messages at once) rather
+        than Redis (a dead worker's messages come back after the visibility timeout)."""
+        return self.broker_url.startswith(RABBITMQ_URL_SCHEMES)
+
+    @property
+    def result_backend_url(self) -> str:
+        """Where Celery keeps task results (a login's openid): the broker's Redis, or with RabbitMQ
+        the token store's Redis (RabbitMQ is no result store wxphone offers)."""
+        return self.redis_url if self.broker_is_rabbitmq else self.broker_url
+
+    @property
     def stale_claim_seconds(self) -> float:
         """A job claimed longer ago than this has lost its worker (no run outlives the hard limit)."""
         return self.task_time_limit_seconds + 15.0
@@ -726,6 +750,8 @@ def public_settings(settings: Settings) -> dict[str, object]:
             shown[name] = mask_url_password(str(value))
         else:
             shown[name] = value
+    shown["broker"] = "rabbitmq" if settings.broker_is_rabbitmq else "redis"
+    shown["result_backend_url"] = mask_url_password(settings.result_backend_url)
     shown["development_keys_allowed"] = not settings.uses_real_wechat
     shown["stale_claim_seconds"] = settings.stale_claim_seconds
     shown["final_write_retry_seconds"] = settings.final_write_retry_seconds

@@ -7,6 +7,10 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.entity import Queue
 
 from tests.support.processes import WXPHONE, base_environment
 from tests.support.services import RedisServer, create_database, drop_database
@@ -154,3 +158,48 @@ def test_doctor_names_missing_keys_wherever_development_keys_are_not_allowed(
         assert "WXPHONE_DEVELOPMENT_MODE" in findings["WeChat API"]["detail"]
     finally:
         durable.stop()
+
+
+def test_doctor_checks_a_rabbitmq_broker_and_refuses_a_queue_plain_producers_cannot_declare(
+    tmp_path: Path, migrated_database_url: str, rabbitmq_url: str
+) -> None:
+    durable = RedisServer(tmp_path / "durable", appendonly=True)
+    durable.start()
+    try:
+        healthy = {
+            "apps": "wxdoctor00000001:doctor-secret-1",
+            "broker_url": rabbitmq_url,
+            "redis_url": durable.url(1),
+            "database_url": migrated_database_url,
+            "wechat_api_base": "http://127.0.0.1:9",
+        }
+        code, findings = run_doctor(**healthy)
+        assert code == 0, findings
+        assert findings["broker"]["verdict"] == "ok"
+        assert "RabbitMQ" in findings["broker"]["detail"]
+        assert "guest:guest" not in json.dumps(findings)  # the password is masked
+        assert findings["broker queue wxphone"]["verdict"] == "ok"
+        assert "consumer_timeout" in findings["delivery"]["detail"]
+
+        # A quorum queue of the job queue's name: every plain Celery producer's declaration of
+        # queue "wxphone" (durable, no arguments) would fail with PRECONDITION_FAILED.
+        declare_quorum_queue(rabbitmq_url, "wxphone")
+        code, findings = run_doctor(**healthy)
+        assert code == 1
+        assert findings["broker queue wxphone"]["verdict"] == "fail"
+        assert "classic" in findings["broker queue wxphone"]["detail"]
+
+        code, findings = run_doctor(**{**healthy, "broker_url": "amqp://guest:guest@127.0.0.1:9//"})
+        assert code == 1
+        assert findings["broker"]["verdict"] == "fail"
+    finally:
+        durable.stop()
+
+
+def declare_quorum_queue(url: str, name: str) -> None:
+    connect: Any = Connection  # kombu is untyped
+    queue: Any = Queue
+    with connect(url) as connection:
+        queue(
+            name, channel=connection.channel(), durable=True, queue_arguments={"x-queue-type": "quorum"}
+        ).declare()

@@ -7,11 +7,13 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import text
 
 from tests.support.pipeline import (
     APPS,
+    BROKERS,
     DEVELOPMENT_PROTECTION,
     FAST_RETRY_SETTINGS,
     FINGERPRINT_KEY,
@@ -38,6 +40,7 @@ def login(pipeline: Pipeline, **kwargs: Any) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_login_records_the_user_and_never_exposes_the_session_key(pipeline: Pipeline) -> None:
     # DEBUG: even the HTTP library's request lines are in the log, and must not carry secrets.
     pipeline.settings.update(FAST_RETRY_SETTINGS, log_level="DEBUG")

@@ -7,7 +7,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import pytest
+
 from tests.support.pipeline import (
+    BROKERS,
     FAST_RETRY_SETTINGS,
     Pipeline,
     endpoint_counts,
@@ -42,6 +45,7 @@ def test_an_invalid_code_fails_at_once_without_retry(pipeline: Pipeline) -> None
     assert pipeline.count("SELECT count(*) FROM users") == 0
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_transient_failures_are_retried_until_the_exchange_succeeds(pipeline: Pipeline) -> None:
     pipeline.settings.update(FAST_RETRY_SETTINGS)
     pipeline.start_worker()

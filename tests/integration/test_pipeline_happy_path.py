@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from tests.support.pipeline import APPS, Pipeline
+import pytest
+
+from tests.support.pipeline import APPS, BROKERS, Pipeline
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_phone_codes_over_two_apps_land_in_user_records(pipeline: Pipeline) -> None:
     pipeline.start_worker(concurrency=2)
     submitted: list[tuple[str, str, str, str]] = []

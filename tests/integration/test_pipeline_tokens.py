@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.support.pipeline import Pipeline, endpoint_counts
+import pytest
+
+from tests.support.pipeline import BROKERS, Pipeline, endpoint_counts
 
 APPID = "wxpipeline000001"
 
@@ -12,6 +14,7 @@ def submit_batch(pipeline: Pipeline, prefix: str, count: int) -> list[str]:
     return [pipeline.submit(APPID, f"o{prefix}{index:05d}", code) for index, code in enumerate(codes)]
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_a_token_revoked_mid_run_is_refreshed_once_and_every_job_succeeds(pipeline: Pipeline) -> None:
     pipeline.start_worker(concurrency=2)
     before_revoke = pipeline.wait_for_jobs(submit_batch(pipeline, "Before", 4), timeout_seconds=30)

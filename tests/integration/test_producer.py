@@ -124,9 +124,12 @@ def test_unknown_ids_read_as_none_and_a_user_view_hides_the_number_from_its_repr
     }
 
 
-def test_a_job_the_broker_cannot_take_is_marked_failed(pipeline: Pipeline) -> None:
+@pytest.mark.parametrize(
+    "unreachable_url", ["redis://127.0.0.1:{port}/0", "amqp://guest:guest@127.0.0.1:{port}//"]
+)
+def test_a_job_the_broker_cannot_take_is_marked_failed(pipeline: Pipeline, unreachable_url: str) -> None:
     # A broker nobody listens on (no result backend: the publish itself must fail).
-    unreachable = Celery("frontend", broker=f"redis://127.0.0.1:{free_port()}/0")
+    unreachable = Celery("frontend", broker=unreachable_url.format(port=free_port()))
     producer = Producer(
         sessions=pipeline.sessions,
         celery_app=unreachable,

@@ -30,7 +30,7 @@ import redis
 import requests
 from sqlalchemy import text
 
-from tests.support.pipeline import APPS, Pipeline, plain_celery_client
+from tests.support.pipeline import APPS, Pipeline, plain_celery_client, result_backend_for
 from worker.producer import Producer
 from worker.wechat.client import WeChatClient
 from worker.wechat.errors import WeChatInvalidCodeError
@@ -456,7 +456,7 @@ def pool_children(pid: int) -> list[int]:
 def private_broker(pipeline: Pipeline, broker_url: str, redis_url: str) -> Iterator[None]:
     """Point the pipeline (worker settings, producer) at another Redis for broker and token store."""
     original = (pipeline.broker_url, pipeline.redis_url, pipeline.celery, pipeline.producer)
-    celery = plain_celery_client(broker_url)
+    celery = plain_celery_client(broker_url, result_backend_for(broker_url, redis_url))
     pipeline.settings.update(broker_url=broker_url, redis_url=redis_url)
     pipeline.broker_url, pipeline.redis_url, pipeline.celery = broker_url, redis_url, celery
     pipeline.producer = Producer(

@@ -27,6 +27,7 @@ from worker.settings import (
     DEVELOPMENT_BLIND_INDEX_KEY,
     DEVELOPMENT_ENCRYPTION_KEY_VERSION,
     DEVELOPMENT_ENCRYPTION_KEYS,
+    RABBITMQ_URL_SCHEMES,
     parse_encryption_keys,
 )
 
@@ -42,11 +43,15 @@ DEVELOPMENT_PROTECTION = DataProtection(
     blind_index=BlindIndex(DEVELOPMENT_BLIND_INDEX_KEY),
 )
 TERMINAL = {"succeeded", "failed"}
+#: The brokers wxphone supports; a test runs on each with
+#: ``@pytest.mark.parametrize("broker", BROKERS)`` (the ``pipeline`` fixture follows it).
+BROKERS = ("redis", "rabbitmq")
 
 
-def plain_celery_client(broker_url: str) -> Celery:
-    """A Celery client that knows wxphone only by task names."""
-    client = Celery("frontend", broker=broker_url, backend=broker_url)
+def plain_celery_client(broker_url: str, backend_url: str | None = None) -> Celery:
+    """A Celery client that knows wxphone only by task names (results in ``backend_url``, by
+    default the broker: a RabbitMQ broker needs the token store's Redis given instead)."""
+    client = Celery("frontend", broker=broker_url, backend=backend_url or broker_url)
     client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
     return client
 
@@ -122,6 +127,11 @@ class Pipeline:
             return int(conn.execute(text(sql), params).scalar_one())
 
 
+def result_backend_for(broker_url: str, redis_url: str) -> str:
+    """Where wxphone keeps task results with this broker (``Settings.result_backend_url``)."""
+    return redis_url if broker_url.startswith(RABBITMQ_URL_SCHEMES) else broker_url
+
+
 @contextmanager
 def running_pipeline(
     *,
@@ -149,7 +159,7 @@ def running_pipeline(
         **settings,
     }
     sessions = session_factory(engine)
-    celery = plain_celery_client(broker_url)
+    celery = plain_celery_client(broker_url, result_backend_for(broker_url, redis_url))
     pipeline = Pipeline(
         database_url=database_url,
         broker_url=broker_url,

@@ -56,3 +56,25 @@ def test_config_show_refuses_timings_that_break_the_code_clock_naming_the_variab
     done = show({"WXPHONE_VISIBILITY_TIMEOUT_SECONDS": "600"})
     assert done.returncode == 2
     assert "WXPHONE_VISIBILITY_TIMEOUT_SECONDS" in done.stderr
+
+
+def test_config_show_with_rabbitmq_shows_its_delivery_options_and_where_results_go() -> None:
+    done = show(
+        {
+            "WXPHONE_BROKER_URL": "amqp://wx:a-rabbit-password@rabbit.internal:5672//",
+            "WXPHONE_REDIS_URL": "redis://:a-redis-password@redis.internal:6379/1",
+        }
+    )
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["broker"] == "rabbitmq"
+    assert shown["broker_url"] == "amqp://wx:***@rabbit.internal:5672//"
+    # Results (a login's openid) go to the token store's Redis: RabbitMQ is no result store.
+    assert shown["result_backend_url"] == "redis://:***@redis.internal:6379/1"
+    assert shown["celery"]["visibility_timeout"] is None
+    assert shown["celery"]["confirm_publish"] is True
+    # A vanished host's messages come back after about two missed heartbeats: well inside a
+    # code's life.
+    assert 2 * shown["celery"]["broker_heartbeat"] < shown["code_lifetime_seconds"] / 4
+    assert "a-rabbit-password" not in done.stdout
+    assert "a-redis-password" not in done.stdout

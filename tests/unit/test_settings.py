@@ -133,8 +133,10 @@ def test_bad_database_url_is_reported_without_its_password(monkeypatch: pytest.M
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("WXPHONE_BROKER_URL", "amqp://guest:guest@localhost//"),
+        ("WXPHONE_BROKER_URL", "kafka://localhost:9092"),
         ("WXPHONE_REDIS_URL", "memcached://localhost"),
+        # The token store (and RedBeat) is Redis whatever the broker is.
+        ("WXPHONE_REDIS_URL", "amqp://guest:guest@localhost//"),
         ("WXPHONE_WECHAT_API_BASE", "api.weixin.qq.com"),
         ("WXPHONE_LOG_LEVEL", "loud"),
         ("WXPHONE_HTTP_READ_TIMEOUT_SECONDS", "0"),

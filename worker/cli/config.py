@@ -41,7 +41,10 @@ def _delivery_options() -> dict[str, object]:
 
     transport = celeryconfig.broker_transport_options
     return {
-        "visibility_timeout": transport["visibility_timeout"],
+        # Only a Redis broker has one: RabbitMQ requeues a lost consumer's messages at once.
+        "visibility_timeout": transport.get("visibility_timeout"),
+        "broker_heartbeat": getattr(celeryconfig, "broker_heartbeat", None),
+        "confirm_publish": transport.get("confirm_publish", False),
         "result_backend_visibility_timeout": celeryconfig.result_backend_transport_options[
             "visibility_timeout"
         ],

@@ -1,0 +1,218 @@
+"""Delivery faults with RabbitMQ as the broker, on a private rabbitmq-server each test may kill.
+
+RabbitMQ requeues a consumer's unacknowledged messages the moment its connection closes: a dead
+worker's reserved messages are redelivered at once, not after a visibility timeout. Its running
+jobs' messages come back at once too, but their claims still name the dead process: the new
+delivery takes a claim over only once that process's liveness lease has lapsed
+(``WXPHONE_RUNNER_LEASE_SECONDS``, 20 s by default), so the whole-worker kill recovers in about
+that long, with the shipped defaults.
+
+A closed connection also requeues the messages of tasks still running in a live worker (a
+network reset, a proxy, a broker restart). Those deliveries wait for the live run instead of
+presenting its code a second time: here no code reaches WeChat twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.faults import (
+    assert_all_terminal_and_correct,
+    assert_codes_match_outcomes,
+    assert_wechat_calls_accounted,
+    count_in,
+    pool_children,
+    print_recovery,
+    private_broker,
+    submit_jobs,
+    wait_until_terminal,
+)
+from tests.support.pipeline import APPS, Pipeline
+from tests.support.processes import ManagedProcess
+from tests.support.rabbitmq import RabbitMQServer
+from tests.support.waiting import wait_for
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.faults
+
+APP_A, APP_B = sorted(APPS)
+JOB_QUEUE = "wxphone"
+#: What a worker's log says when its consumer restarts on a lost broker connection (Celery's line).
+CONNECTION_LOST = "Connection to broker lost"
+#: After a whole worker dies, with the shipped defaults: the dead process's lease lapses (20 s),
+#: the redelivered message's wait for it ends (its backoff is at most 8 s), the exchange runs.
+RABBITMQ_KILL_RECOVERY_BOUND_SECONDS = 45
+
+
+@pytest.fixture
+def rabbitmq(pipeline: Pipeline, tmp_path: Path) -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ as the pipeline's broker (the token store stays the pipeline's Redis)."""
+    server = RabbitMQServer(tmp_path / "rabbitmq")
+    server.start()
+    try:
+        with private_broker(pipeline, server.url(), pipeline.redis_url):
+            yield server
+    finally:
+        server.remove()
+
+
+def connection_lost_lines(worker: ManagedProcess) -> list[str]:
+    return [line for line in worker.output().splitlines() if CONNECTION_LOST in line]
+
+
+def assert_each_code_presented_once(pipeline: Pipeline, jobs: int) -> None:
+    assert pipeline.sandbox.stats()["code_presentations"] == {"1": jobs}
+
+
+@pytest.mark.parametrize("pool", ["threads", "gevent"])
+def test_with_the_shipped_defaults_a_dead_workers_jobs_come_back_at_once(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer, pool: str
+) -> None:
+    """A whole worker SIGKILLed mid-load, every delivery timing at its shipped default: RabbitMQ
+    requeues its reserved and running messages when its connection closes; the replacement runs
+    the reserved ones at once and takes the running ones over when the dead lease lapses."""
+    defaults = load_settings()
+    for timing in ("visibility_timeout_seconds", "runner_lease_seconds", "task_time_limit_seconds"):
+        assert timing not in pipeline.settings  # what a user runs
+    pipeline.sandbox.configure(latency_ms={"phone": 300})
+    doomed = pipeline.start_worker("doomed", concurrency=8, pool=pool)
+    jobs = submit_jobs(pipeline, APP_A, 15, label="rdflt") + submit_jobs(pipeline, APP_B, 15, label="rdflt")
+    wait_for(
+        lambda: pipeline.sandbox.stats()["endpoints"].get("phone", {}).get("calls", 0) >= 6,
+        timeout_seconds=60,
+        what="six exchanges",
+    )
+    held_by_the_dead = rabbitmq.unacknowledged(JOB_QUEUE)
+    doomed.kill()
+    killed_at = time.monotonic()
+    pipeline.start_worker("replacement", concurrency=8, pool=pool)
+
+    seconds = wait_until_terminal(
+        pipeline,
+        jobs,
+        timeout_seconds=RABBITMQ_KILL_RECOVERY_BOUND_SECONDS,
+        since=killed_at,
+        why=f"RabbitMQ redelivers at once; the dead lease ({defaults.runner_lease_seconds:.0f}s) "
+        "is the only wait",
+    )
+    print_recovery(
+        f"whole worker SIGKILL, shipped defaults, RabbitMQ, {pool} pool",
+        seconds,
+        f"lease {defaults.runner_lease_seconds:.0f}s; {held_by_the_dead} message(s) held by the dead "
+        "worker, none lost",
+    )
+    wait_for(lambda: rabbitmq.unacknowledged(JOB_QUEUE) == 0, timeout_seconds=10, what="every ack")
+    outcome = assert_all_terminal_and_correct(pipeline, jobs, allowed_errors={"reply_lost"})
+    # Only a code the dead worker had presented may be lost: every other job succeeded.
+    assert outcome.failed("reply_lost") <= outcome.lost_replies
+    assert outcome.succeeded + outcome.failed("reply_lost") == len(jobs)
+    assert_codes_match_outcomes(pipeline, jobs, outcome)
+    assert held_by_the_dead > 0  # the kill caught messages the dead worker held
+
+
+def test_a_pool_child_killed_mid_exchange_is_rerun_at_once(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """A prefork child SIGKILLed while WeChat holds its request (before processing it): the worker
+    rejects the message with requeue, RabbitMQ redelivers it at once, and the rerun exchanges
+    the code."""
+    worker = pipeline.start_worker("prefork", concurrency=1, pool="prefork")
+    pipeline.sandbox.inject_fault("phone", latency_ms=12000, timing="before")
+    [job] = submit_jobs(pipeline, APP_A, 1, label="rchild")
+    wait_for(lambda: pipeline.sandbox.pending_faults() == [], timeout_seconds=30, what="the request")
+    [child] = pool_children(worker.pid)
+    os.kill(child, signal.SIGKILL)
+    killed_at = time.monotonic()
+    seconds = wait_until_terminal(pipeline, [job], timeout_seconds=30, since=killed_at)
+    print_recovery("pool child SIGKILL, RabbitMQ", seconds, "requeued by the worker, redelivered at once")
+    wait_for(
+        lambda: pipeline.sandbox.stats()["endpoints"]["phone"]["calls"] >= 2,
+        timeout_seconds=20,
+        what="the dead request to finish at the sandbox",
+    )
+    outcome = assert_all_terminal_and_correct(pipeline, [job])
+    assert_wechat_calls_accounted(pipeline, [job], outcome)
+    assert (outcome.succeeded, outcome.lost_replies) == (1, 1)
+    assert worker.is_running()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_connections_closed_mid_load_lose_nothing_and_present_no_code_twice(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer, pool: str
+) -> None:
+    """``close_all_connections`` (a network reset, a proxy, a failover) while exchanges are held
+    at WeChat: RabbitMQ requeues the running tasks' messages; the worker reconnects, says so,
+    and the redelivered messages wait for their live runs instead of presenting the codes."""
+    pipeline.sandbox.configure(latency_ms={"phone": 2500})
+    worker = pipeline.start_worker(f"close-{pool}", concurrency=2, pool=pool)
+    jobs = submit_jobs(pipeline, APP_A, 10, label=f"rcut{pool[0]}")
+    wait_for(lambda: count_in(pipeline, jobs, "running") >= 2, timeout_seconds=60, what="both slots busy")
+
+    rabbitmq.close_all_connections()
+    cut_at = time.monotonic()
+    seconds = wait_until_terminal(pipeline, jobs, timeout_seconds=60, since=cut_at, why="reconnect and go on")
+    print_recovery(f"broker connections closed mid-load, RabbitMQ ({pool})", seconds, "10 jobs of 2.5 s")
+    assert worker.is_running()
+    assert connection_lost_lines(worker), worker.output()[-3000:]
+    outcome = assert_all_terminal_and_correct(pipeline, jobs)
+    assert outcome.succeeded == len(jobs)
+    assert_each_code_presented_once(pipeline, len(jobs))
+    later = submit_jobs(pipeline, APP_A, 4, label=f"rcutl{pool[0]}")
+    wait_until_terminal(pipeline, later, timeout_seconds=30, why="new jobs after the cut")
+    wait_for(lambda: rabbitmq.unacknowledged(JOB_QUEUE) == 0, timeout_seconds=10, what="every ack")
+
+
+def test_a_retry_waiting_for_its_countdown_when_connections_close_runs_after_it(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """A retry's message waits, unacknowledged, in the worker until its countdown ends; a closed
+    connection requeues it and the worker receives it again, countdown and all."""
+    pipeline.settings.update(retry_backoff_base_seconds=4, retry_backoff_max_seconds=4)
+    worker = pipeline.start_worker("countdown", concurrency=2, pool="threads")
+    pipeline.sandbox.inject_fault("phone", errcode=-1)  # busy once: the job retries in 4 s
+    [job] = submit_jobs(pipeline, APP_A, 1, label="rcount")
+    wait_for(lambda: count_in(pipeline, [job], "retrying") == 1, timeout_seconds=30, what="the retry")
+    rabbitmq.close_all_connections()
+    cut_at = time.monotonic()
+    seconds = wait_until_terminal(pipeline, [job], timeout_seconds=30, since=cut_at)
+    print_recovery("retry countdown across a closed connection, RabbitMQ", seconds)
+    assert connection_lost_lines(worker), worker.output()[-3000:]
+    outcome = assert_all_terminal_and_correct(pipeline, [job])
+    assert outcome.succeeded == 1
+    assert pipeline.sandbox.stats()["endpoints"]["phone"]["calls"] == 2  # the busy reply, the exchange
+
+
+@pytest.mark.parametrize("how", ["restart", "kill"])
+def test_workers_resume_by_themselves_after_rabbitmq_restarts_mid_load(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer, how: str
+) -> None:
+    """RabbitMQ stopped (or SIGKILLed) and started again while jobs wait and run: durable queues
+    and persistent, confirmed messages survive; the worker reconnects on its own; every job
+    ends, none presented twice."""
+    pipeline.sandbox.configure(latency_ms={"phone": 1000})
+    worker = pipeline.start_worker(f"restart-{how}", concurrency=2, pool="threads")
+    jobs = submit_jobs(pipeline, APP_A, 12, label=f"r{how}")
+    wait_for(lambda: count_in(pipeline, jobs, "running") >= 2, timeout_seconds=60, what="both slots busy")
+
+    down_at = time.monotonic()
+    if how == "kill":
+        rabbitmq.kill()
+        rabbitmq.start()
+    else:
+        rabbitmq.restart()
+    back_after = time.monotonic() - down_at
+    seconds = wait_until_terminal(
+        pipeline, jobs, timeout_seconds=90, since=down_at, why="reconnect and go on"
+    )
+    print_recovery(f"RabbitMQ {how} mid-load", seconds, f"broker back after {back_after:.1f}s")
+    assert worker.is_running()
+    assert connection_lost_lines(worker), worker.output()[-3000:]
+    outcome = assert_all_terminal_and_correct(pipeline, jobs)
+    assert outcome.succeeded == len(jobs)
+    assert_each_code_presented_once(pipeline, len(jobs))
