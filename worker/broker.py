@@ -183,6 +183,30 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
                 }
                 self._prune_waiting_at = max(1024, 2 * len(self._waiting_for_countdown))
 
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler of each delivered message, which also drops a message it cannot turn
+        into a task request, as it drops one of an unknown task or content type.
+
+        Celery catches only the errors it expects while building a request; anything else (a
+        protocol-1 body naming a task but without an ``id``: ``KeyError``) escapes into kombu,
+        the consumer restarts (kombu's Redis transport counts ``KeyError`` among its connection
+        errors), the unacknowledged message is restored, and the worker crashed on it again in
+        a loop that consumed nothing else."""
+        handle = super().create_task_handler(*args, **kwargs)
+        # Acks and rejects inside the handler log their own connection errors; one that still
+        # escapes means the connection is gone. A KeyError never does: it is the message's.
+        connection_errors = tuple(each for each in self.connection_errors if each is not KeyError)
+
+        def on_task_received(message: Any) -> Any:
+            try:
+                return handle(message)
+            except connection_errors:
+                raise  # the consumer reconnects; the message is redelivered
+            except Exception as error:  # a body no request can be made of: drop it, once
+                return self.on_invalid_task(None, message, error)
+
+        return on_task_received
+
     def apply_eta_task(self, task: Request) -> None:
         self._waiting_for_countdown.discard(task)
         super().apply_eta_task(task)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.support.pipeline import Pipeline, endpoint_counts, phone_job_row
+import pytest
+
+from tests.support.pipeline import BROKERS, Pipeline, endpoint_counts, phone_job_row
 
 APPID = "wxpipeline000001"
 RESOLVE_PHONE = "wxphone.resolve_phone"
@@ -39,6 +41,7 @@ BAD_KWARGS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.parametrize("broker", BROKERS)
 def test_bad_input_fails_before_wechat_and_a_good_job_succeeds_right_after(pipeline: Pipeline) -> None:
     process = pipeline.start_worker(concurrency=2)
     sent: dict[str, tuple[str, str]] = {}
