@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.pipeline import FAST_RETRY_SETTINGS, Pipeline, endpoint_counts, phone_job_row
+from tests.support.pipeline import BROKERS, FAST_RETRY_SETTINGS, Pipeline, endpoint_counts, phone_job_row
 
 CELERY_NODE_VERSION = "0.5.9"
 NPM_INSTALL_TIMEOUT_SECONDS = 180
@@ -30,11 +30,6 @@ APPID = "wxpipeline000001"
 #: How long the Node script waits for the task's result, and the test for the script.
 RESULT_TIMEOUT_SECONDS = 60
 
-#: The brokers the Node producer is tested on, each turned into a running wxphone by
-#: ``broker_pipeline``. RabbitMQ goes here once wxphone's amqp broker and its private RabbitMQ
-#: fixture land: add "rabbitmq" and its branch in ``broker_pipeline`` (a pipeline whose
-#: ``broker_url`` is the ``amqp://`` URL); the Node script takes any URL celery-node accepts.
-BROKERS = ["redis"]
 
 #: The front end's whole script. celery-node's ``applyAsync`` returns before the message is
 #: published and exposes no promise for the publish: a client disconnected right after it loses
@@ -145,19 +140,8 @@ def node_producer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return NodeProducer(node=node, directory=directory, script=script)
 
 
-@pytest.fixture(params=BROKERS)
-def broker_pipeline(request: pytest.FixtureRequest) -> Pipeline:
-    """A clean wxphone (no processes yet) on the broker named by the parameter."""
-    if request.param == "redis":
-        pipeline: Pipeline = request.getfixturevalue("pipeline")
-        return pipeline
-    raise AssertionError(f"no pipeline for broker {request.param!r}")
-
-
-def test_celery_node_producer_resolves_a_phone_code(
-    node_producer: NodeProducer, broker_pipeline: Pipeline
-) -> None:
-    pipeline = broker_pipeline
+@pytest.mark.parametrize("broker", BROKERS)
+def test_celery_node_producer_resolves_a_phone_code(node_producer: NodeProducer, pipeline: Pipeline) -> None:
     pipeline.settings.update(FAST_RETRY_SETTINGS)
     process = pipeline.start_worker()
     result_backend_url = str(pipeline.celery.conf.result_backend)
