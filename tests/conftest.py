@@ -1,7 +1,11 @@
-"""Shared fixtures: a private Redis, a throwaway PostgreSQL database and a running WeChat sandbox."""
+"""Shared fixtures: a private Redis, a throwaway PostgreSQL database and a running WeChat sandbox.
+
+Also private RabbitMQ brokers, for tests that run wxphone with RabbitMQ as its Celery broker.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +14,7 @@ import pytest
 
 from tests.support.pipeline import Pipeline, running_pipeline
 from tests.support.processes import ManagedProcess, base_environment, sandbox_process
+from tests.support.rabbitmq import MakeRabbitMQServer, RabbitMQNotInstalled, RabbitMQServer, find_rabbitmq
 from tests.support.services import RedisServer, create_database, drop_database, free_port
 from worker.db import upgrade_to_head
 from worker.sandbox.admin import SandboxAdmin
@@ -43,6 +48,70 @@ def redis_urls(redis_server: RedisServer) -> RedisUrls:
         with redis_server.client(db) as conn:
             conn.flushdb()
     return RedisUrls(broker_url=redis_server.url(BROKER_DB), redis_url=redis_server.url(TOKEN_STORE_DB))
+
+
+def running_in_ci() -> bool:
+    """True when the CI variable is set (CI=true): there, a missing service fails the tests."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_rabbitmq() -> None:
+    """Skip the test when RabbitMQ is not installed, printing the install command; in CI, fail it."""
+    try:
+        find_rabbitmq()
+    except RabbitMQNotInstalled as missing:
+        if running_in_ci():
+            pytest.fail(f"{missing} (CI must run the RabbitMQ tests, so they fail here)", pytrace=False)
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """A RabbitMQ broker private to this test session, started when a test first asks for it.
+
+    Its management plugin makes emptying it between tests take milliseconds. Tests that stop,
+    kill or restart a broker make their own with ``make_rabbitmq_server`` instead.
+    """
+    require_rabbitmq()
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"), management=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        # Also after a failed start (its epmd runs). Nothing in it is kept: remove() kills,
+        # where a graceful stop would take five seconds.
+        server.remove()
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server: RabbitMQServer) -> str:
+    """The AMQP URL (vhost ``/``) of the session's broker, with no queue or exchange left in it."""
+    if not rabbitmq_server.is_running():
+        rabbitmq_server.start()
+    rabbitmq_server.reset()
+    return rabbitmq_server.url()
+
+
+@pytest.fixture
+def make_rabbitmq_server(tmp_path: Path) -> Iterator[MakeRabbitMQServer]:
+    """A factory of brokers this test owns (to stop, kill, restart), removed when the test ends.
+
+    ``make_rabbitmq_server()`` returns a started broker with its folder in ``tmp_path``;
+    ``start=False`` returns it unstarted; ``management`` and ``port`` go to :class:`RabbitMQServer`.
+    """
+    require_rabbitmq()
+    servers: list[RabbitMQServer] = []
+
+    def make(*, management: bool = False, port: int | None = None, start: bool = True) -> RabbitMQServer:
+        server = RabbitMQServer(tmp_path / f"rabbitmq-{len(servers)}", management=management, port=port)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.remove()
 
 
 @pytest.fixture(scope="session")
