@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import redis
 from kombu.connection import Connection
-from kombu.entity import Queue
 from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db import SchemaNotAtHeadError, check_schema_at_head, describe_database, make_engine
@@ -105,18 +104,17 @@ def _check_rabbitmq(url: str) -> Iterator[Finding]:
 
 
 def _check_rabbitmq_queue(connection: Any, name: str) -> Finding:
-    declare: Any = Queue  # kombu is untyped
     channel = connection.channel()
     try:
         try:
-            declare(name, channel=channel, passive=True).declare()
+            channel.queue_declare(queue=name, passive=True)
         except connection.channel_errors:  # NOT_FOUND closes the channel
             return Finding(f"broker queue {name}", "ok", "not declared yet: the first worker declares it")
         channel.close()
         channel = connection.channel()
         try:
             # Celery's own declaration: idempotent on an equivalent queue, refused otherwise.
-            declare(name, channel=channel, durable=True).declare()
+            channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False)
         except connection.channel_errors as error:
             return Finding(
                 f"broker queue {name}",

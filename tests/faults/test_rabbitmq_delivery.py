@@ -18,7 +18,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +34,7 @@ from tests.support.faults import (
 )
 from tests.support.pipeline import APPS, Pipeline
 from tests.support.processes import ManagedProcess
-from tests.support.rabbitmq import RabbitMQServer
+from tests.support.rabbitmq import MakeRabbitMQServer, RabbitMQServer
 from tests.support.waiting import wait_for
 from worker.settings import load_settings
 
@@ -51,15 +50,12 @@ RABBITMQ_KILL_RECOVERY_BOUND_SECONDS = 45
 
 
 @pytest.fixture
-def rabbitmq(pipeline: Pipeline, tmp_path: Path) -> Iterator[RabbitMQServer]:
-    """A private RabbitMQ as the pipeline's broker (the token store stays the pipeline's Redis)."""
-    server = RabbitMQServer(tmp_path / "rabbitmq")
-    server.start()
-    try:
-        with private_broker(pipeline, server.url(), pipeline.redis_url):
-            yield server
-    finally:
-        server.remove()
+def rabbitmq(pipeline: Pipeline, make_rabbitmq_server: MakeRabbitMQServer) -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ this test may kill, as the pipeline's broker (the token store stays the
+    pipeline's Redis)."""
+    server = make_rabbitmq_server()
+    with private_broker(pipeline, server.url(), pipeline.redis_url):
+        yield server
 
 
 def connection_lost_lines(worker: ManagedProcess) -> list[str]:
@@ -201,11 +197,7 @@ def test_workers_resume_by_themselves_after_rabbitmq_restarts_mid_load(
     wait_for(lambda: count_in(pipeline, jobs, "running") >= 2, timeout_seconds=60, what="both slots busy")
 
     down_at = time.monotonic()
-    if how == "kill":
-        rabbitmq.kill()
-        rabbitmq.start()
-    else:
-        rabbitmq.restart()
+    rabbitmq.restart(kill=how == "kill")
     back_after = time.monotonic() - down_at
     seconds = wait_until_terminal(
         pipeline, jobs, timeout_seconds=90, since=down_at, why="reconnect and go on"
