@@ -14,6 +14,7 @@ presenting its code a second time: here no code reaches WeChat twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -32,10 +33,11 @@ from tests.support.faults import (
     submit_jobs,
     wait_until_terminal,
 )
-from tests.support.pipeline import APPS, Pipeline
+from tests.support.pipeline import APPS, Pipeline, plain_celery_client
 from tests.support.processes import ManagedProcess
 from tests.support.rabbitmq import MakeRabbitMQServer, RabbitMQServer
 from tests.support.waiting import wait_for
+from worker.producer import Producer
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.faults
@@ -184,6 +186,17 @@ def test_a_retry_waiting_for_its_countdown_when_connections_close_runs_after_it(
     assert pipeline.sandbox.stats()["endpoints"]["phone"]["calls"] == 2  # the busy reply, the exchange
 
 
+def confirming_producer(pipeline: Pipeline) -> Iterator[Producer]:
+    """A front end's producer with publisher confirms on: a submission returns once RabbitMQ has
+    the message on disk (the one setting a front end on RabbitMQ needs to survive a broker crash)."""
+    client = plain_celery_client(pipeline.broker_url, pipeline.redis_url)
+    client.conf.broker_transport_options = {"confirm_publish": True}
+    try:
+        yield Producer(sessions=pipeline.sessions, celery_app=client, protection=pipeline.producer.protection)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("how", ["restart", "kill"])
 def test_workers_resume_by_themselves_after_rabbitmq_restarts_mid_load(
     pipeline: Pipeline, rabbitmq: RabbitMQServer, how: str
@@ -193,7 +206,8 @@ def test_workers_resume_by_themselves_after_rabbitmq_restarts_mid_load(
     ends, none presented twice."""
     pipeline.sandbox.configure(latency_ms={"phone": 1000})
     worker = pipeline.start_worker(f"restart-{how}", concurrency=2, pool="threads")
-    jobs = submit_jobs(pipeline, APP_A, 12, label=f"r{how}")
+    with contextlib.contextmanager(confirming_producer)(pipeline) as producer:
+        jobs = submit_jobs(pipeline, APP_A, 12, label=f"r{how}", producer=producer)
     wait_for(lambda: count_in(pipeline, jobs, "running") >= 2, timeout_seconds=60, what="both slots busy")
 
     down_at = time.monotonic()

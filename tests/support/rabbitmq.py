@@ -43,6 +43,9 @@ from kombu.exceptions import OperationalError
 from tests.support.services import free_port
 from tests.support.waiting import wait_for
 
+#: How long a restart waits for its fixed AMQP port to be released by the node it replaces.
+PORT_RELEASE_TIMEOUT_SECONDS = 20.0
+
 __all__ = [
     "INSTALL_COMMAND",
     "MakeRabbitMQServer",
@@ -568,8 +571,22 @@ class RabbitMQServer:
         """
         if not _bindable(self.port, reuse=True):
             if self._port_pinned:
-                raise RuntimeError(f"cannot start {self.node}: port {self.port} on 127.0.0.1 is taken")
-            self.port = private_port()
+                # Just after a kill the port can stay taken for a moment (the dead node's sockets
+                # are still being torn down); anything longer is another process's.
+                try:
+                    wait_for(
+                        lambda: _bindable(self.port, reuse=True),
+                        timeout_seconds=PORT_RELEASE_TIMEOUT_SECONDS,
+                        interval_seconds=0.2,
+                    )
+                except AssertionError:
+                    query = ["ss", "-tanpe", f"( sport = :{self.port} )"]
+                    holders = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+                    raise RuntimeError(
+                        f"cannot start {self.node}: port {self.port} on 127.0.0.1 is taken:\n{holders}"
+                    ) from None
+            else:
+                self.port = private_port()
         if not _bindable(self.dist_port, reuse=True):
             self.dist_port = private_port()
         if self.management_port is not None and not _bindable(self.management_port, reuse=True):
