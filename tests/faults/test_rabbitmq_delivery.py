@@ -222,3 +222,48 @@ def test_workers_resume_by_themselves_after_rabbitmq_restarts_mid_load(
     outcome = assert_all_terminal_and_correct(pipeline, jobs)
     assert outcome.succeeded == len(jobs)
     assert_each_code_presented_once(pipeline, len(jobs))
+
+
+#: A host that vanishes without closing its sockets: RabbitMQ notices after about three missed
+#: 20 s heartbeats (measured: 60 s), requeues, and the replacement takes the jobs over (the frozen
+#: process's lease lapsed long before).
+FROZEN_HOST_RECOVERY_BOUND_SECONDS = 100
+
+
+def test_a_frozen_worker_host_is_found_by_heartbeats_and_its_late_runs_change_nothing(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """SIGSTOP a whole worker mid-load (a host that hangs or drops off the network: no FIN, no
+    heartbeats), start a replacement: RabbitMQ closes the silent connection after its heartbeat
+    timeout and redelivers; every job ends inside the code's life. Then SIGCONT the frozen worker:
+    its runs wake up after their lease lapsed and present no code a second time (a run frozen
+    mid-request counts its lost reply)."""
+    pipeline.sandbox.configure(latency_ms={"phone": 300})
+    frozen = pipeline.start_worker("frozen", concurrency=4, pool="threads")
+    jobs = submit_jobs(pipeline, APP_A, 12, label="rfroz")
+    wait_for(
+        lambda: pipeline.sandbox.stats()["endpoints"].get("phone", {}).get("calls", 0) >= 3,
+        timeout_seconds=60,
+        what="three exchanges",
+    )
+    frozen.signal_group(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        pipeline.start_worker("replacement", concurrency=4, pool="threads")
+        seconds = wait_until_terminal(
+            pipeline,
+            jobs,
+            timeout_seconds=FROZEN_HOST_RECOVERY_BOUND_SECONDS,
+            since=frozen_at,
+            why="RabbitMQ must notice the silent connection by its heartbeats and redeliver",
+        )
+    finally:
+        frozen.signal_group(signal.SIGCONT)
+    print_recovery("worker host frozen (SIGSTOP), RabbitMQ", seconds, "heartbeat 20 s, lease 20 s")
+    # A warm shutdown waits for the woken worker's runs (and their requests) to end.
+    frozen.stop(timeout_seconds=60)
+    outcome = assert_all_terminal_and_correct(pipeline, jobs, allowed_errors={"reply_lost"})
+    assert_wechat_calls_accounted(pipeline, jobs, outcome)
+    assert outcome.failed("reply_lost") <= outcome.lost_replies
+    assert outcome.succeeded + outcome.failed("reply_lost") == len(jobs)
+    assert_codes_match_outcomes(pipeline, jobs, outcome)
