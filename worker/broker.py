@@ -54,7 +54,7 @@ from celery import bootsteps, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 
-from worker.settings import REDIS_URL_SCHEMES
+from worker.settings import is_redis_url
 
 __all__ = ["CONNECTION_LOST_MESSAGE", "BrokerConnectionWatch", "Consumer", "UnackedRestore"]
 
@@ -164,7 +164,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         self._unrecorded: list[dict[str, Any]] = []
         #: Only a Redis broker leaves such messages behind: RabbitMQ requeues every unacknowledged
         #: message of a closed connection by itself, countdown retries included.
-        self._redis_broker = str(self.app.conf.broker_url or "").startswith(REDIS_URL_SCHEMES)
+        self._redis_broker = is_redis_url(str(self.app.conf.broker_url or ""))
         signals.task_received.connect(self._on_task_received, sender=self, weak=False)
 
     def _on_task_received(self, sender: Any = None, request: Request | None = None, **_: Any) -> None:
@@ -206,6 +206,21 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
                 return self.on_invalid_task(None, message, error)
 
         return on_task_received
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        """Drop a message no request can be made of, logging what it was but not its body:
+        Celery logs up to 1 KB of the raw body, which may hold a code where redaction cannot
+        find it (a positional argument, a truncated value)."""
+        headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
+        logger.error(
+            "dropped a message no task can be made of (%s): task %r, id %r, %d bytes",
+            type(exc).__name__,
+            str(headers.get("task", "?"))[:64],
+            str(headers.get("id", "?"))[:64],
+            len(message.body or b""),
+        )
+        message.reject_log_error(logger, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
 
     def apply_eta_task(self, task: Request) -> None:
         self._waiting_for_countdown.discard(task)

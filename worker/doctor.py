@@ -103,29 +103,51 @@ def _check_rabbitmq(url: str) -> Iterator[Finding]:
             yield _check_rabbitmq_queue(connection, name)
 
 
+#: AMQP reply codes the queue check tells apart.
+AMQP_ACCESS_REFUSED = 403
+AMQP_NOT_FOUND = 404
+AMQP_PRECONDITION_FAILED = 406
+
+
 def _check_rabbitmq_queue(connection: Any, name: str) -> Finding:
+    check = f"broker queue {name}"
     channel = connection.channel()
     try:
         try:
             channel.queue_declare(queue=name, passive=True)
-        except connection.channel_errors:  # NOT_FOUND closes the channel
-            return Finding(f"broker queue {name}", "ok", "not declared yet: the first worker declares it")
+        except connection.channel_errors as error:  # the broker closes the channel
+            if getattr(error, "reply_code", None) == AMQP_NOT_FOUND:
+                return Finding(check, "ok", "not declared yet: the first worker declares it")
+            return Finding(check, "fail", _queue_refusal(error))
         channel.close()
         channel = connection.channel()
         try:
             # Celery's own declaration: idempotent on an equivalent queue, refused otherwise.
             channel.queue_declare(queue=name, durable=True, exclusive=False, auto_delete=False)
         except connection.channel_errors as error:
-            return Finding(
-                f"broker queue {name}",
-                "fail",
-                f"exists with other arguments than a plain Celery client declares ({type(error).__name__}): "
-                "it must be a durable classic queue without arguments; delete it (when empty) and let a "
-                "worker declare it",
-            )
-        return Finding(f"broker queue {name}", "ok", "durable classic queue")
+            if getattr(error, "reply_code", None) == AMQP_PRECONDITION_FAILED:
+                return Finding(
+                    check,
+                    "fail",
+                    "exists with other arguments than a plain Celery client declares (PRECONDITION_FAILED): "
+                    "it must be a durable classic queue without arguments; stop the front ends and "
+                    "workers, delete it once empty, and let a worker declare it",
+                )
+            return Finding(check, "fail", _queue_refusal(error))
+        return Finding(check, "ok", "durable classic queue")
     finally:
         channel.close()
+
+
+def _queue_refusal(error: BaseException) -> str:
+    """Why workers and producers cannot use the queue (no argument mismatch)."""
+    code = getattr(error, "reply_code", None)
+    if code == AMQP_ACCESS_REFUSED:
+        return (
+            "ACCESS_REFUSED: the broker user may not configure, write and read this queue "
+            "(rabbitmqctl set_permissions)"
+        )
+    return f"unusable ({type(error).__name__}, reply code {code}): another client may hold it exclusively"
 
 
 def _text(value: object) -> str:

@@ -16,6 +16,7 @@ the fingerprint key: the workers alone fingerprint codes.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from worker.crypto import DataProtection, default_protection, users_context
 from worker.jobs.phone import record_submission, utc_now
 from worker.jobs.validation import validate_phone_job
 from worker.keychecks import mismatch_error
+from worker.settings import is_redis_url
 from worker.wechat.types import mask_phone_number
 
 __all__ = [
@@ -49,6 +51,8 @@ LOGIN_TASK = "wxphone.login"
 JOB_QUEUE = "wxphone"
 #: A phone code's life, from WeChat's documentation.
 DEFAULT_CODE_LIFETIME_SECONDS = 300.0
+#: ``Settings.publish_timeout_seconds``'s default.
+DEFAULT_PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -128,6 +132,7 @@ class Producer:
         code_lifetime_seconds: float = DEFAULT_CODE_LIFETIME_SECONDS,
         clock: Callable[[], datetime] = utc_now,
         protection: DataProtection | None = None,
+        publish_timeout_seconds: float = DEFAULT_PUBLISH_TIMEOUT_SECONDS,
     ) -> None:
         self.sessions = sessions
         self.celery_app = celery_app
@@ -139,6 +144,10 @@ class Producer:
         #: allowed stops when it builds its producer (SettingsError), not on its first read.
         self.protection = protection or default_protection()
         self._blind_index_key_checked = False
+        #: How long a publish may wait for the broker (socket writes, RabbitMQ's confirm) before it
+        #: fails: a broker that blocks publishers (a RabbitMQ resource alarm) must not hang the
+        #: front end's request.
+        self.publish_timeout_seconds = publish_timeout_seconds
 
     def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
@@ -167,11 +176,10 @@ class Producer:
             )
         # Published only after the row is committed, so a worker always finds its job.
         try:
-            self.celery_app.send_task(
+            self._send(
                 RESOLVE_PHONE_TASK,
-                kwargs=_with_caller({"appid": job.appid, "openid": job.openid, "code": job.code}, caller),
-                task_id=job_id,
-                queue=JOB_QUEUE,
+                _with_caller({"appid": job.appid, "openid": job.openid, "code": job.code}, caller),
+                job_id,
             )
         except Exception as error:
             # The publish may have failed after the broker took the message (a lost confirm, a
@@ -191,13 +199,49 @@ class Producer:
     def submit_login(self, *, appid: str, js_code: str, caller: str | None = None) -> str:
         """Enqueue ``wxphone.login``; its Celery result carries openid and unionid."""
         task_id = str(uuid.uuid4())
-        self.celery_app.send_task(
-            LOGIN_TASK,
-            kwargs=_with_caller({"appid": appid, "js_code": js_code}, caller),
-            task_id=task_id,
-            queue=JOB_QUEUE,
-        )
+        self._send(LOGIN_TASK, _with_caller({"appid": appid, "js_code": js_code}, caller), task_id)
         return task_id
+
+    def _send(self, task_name: str, kwargs: dict[str, Any], task_id: str) -> None:
+        """Publish one task to the job queue, failing (``TimeoutError``) after a bounded time.
+
+        Each write and each RabbitMQ confirm waits at most ``publish_timeout_seconds``. While a
+        RabbitMQ memory or disk alarm blocks publishers, a failed publish still hangs afterwards:
+        kombu closes the channel and waits for a reply RabbitMQ sends only once the alarm clears
+        (py-amqp retries its read on EAGAIN, so no socket timeout ends that wait). So with
+        RabbitMQ the publish runs in a thread of its own and the caller stops waiting for it after
+        twice the publish timeout; a message that lands later finds its job failed and changes
+        nothing."""
+
+        def send() -> None:
+            self.celery_app.send_task(
+                task_name,
+                kwargs=kwargs,
+                task_id=task_id,
+                queue=JOB_QUEUE,
+                timeout=self.publish_timeout_seconds,
+                confirm_timeout=self.publish_timeout_seconds,
+            )
+
+        if is_redis_url(str(self.celery_app.conf.broker_url or "")):
+            send()  # every Redis command carries a socket timeout of its own
+            return
+        failure: list[BaseException] = []
+        done = threading.Event()
+
+        def publish() -> None:
+            try:
+                send()
+            except BaseException as error:  # handed to the caller
+                failure.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=publish, name="wxphone-publish", daemon=True).start()
+        if not done.wait(2 * self.publish_timeout_seconds):
+            raise TimeoutError(f"the broker took no message within {2 * self.publish_timeout_seconds:.0f} s")
+        if failure:
+            raise failure[0]
 
     def get_job(self, job_id: str) -> JobView | None:
         """The job with this id, or None."""

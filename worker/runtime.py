@@ -172,6 +172,7 @@ class Runtime:
             celery_app=app,
             code_lifetime_seconds=self.settings.code_lifetime_seconds,
             protection=self.protection,
+            publish_timeout_seconds=self.settings.publish_timeout_seconds,
         )
 
     def close(self) -> None:

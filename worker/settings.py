@@ -378,6 +378,9 @@ class Settings(BaseSettings):
     #: The longest countdown a retry asks the broker for; a longer wait (a 45011 minute, a run
     #: elsewhere that may still end) is taken in several hops.
     retry_countdown_max_seconds: float = Field(default=30.0, gt=0)
+    #: The longest a publish (a submission, a retry) waits for the broker: with RabbitMQ, for its
+    #: publisher confirm, which never comes while a memory or disk alarm blocks publishers.
+    publish_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     sweep_interval_seconds: float = Field(default=60.0, gt=0)
     #: Each worker process holds a liveness lease in Redis this long, renewed 8 times per period.
     #: A job running under a process whose lease lapsed may be taken over by another delivery;
@@ -674,7 +677,7 @@ class Settings(BaseSettings):
     def broker_is_rabbitmq(self) -> bool:
         """Whether the broker is RabbitMQ (it redelivers a lost consumer's messages at once) rather
         than Redis (a dead worker's messages come back after the visibility timeout)."""
-        return self.broker_url.startswith(RABBITMQ_URL_SCHEMES)
+        return not is_redis_url(self.broker_url)
 
     @property
     def result_backend_url(self) -> str:
@@ -760,8 +763,15 @@ def public_settings(settings: Settings) -> dict[str, object]:
     return shown
 
 
+def is_redis_url(url: str) -> bool:
+    """Whether ``url`` names a Redis server (the one test of which broker a URL is)."""
+    return url.startswith(REDIS_URL_SCHEMES)
+
+
 def mask_url_password(url: str) -> str:
-    """``scheme://user:***@host/...``: the URL with any password replaced."""
+    """``scheme://user:***@host/...``: the URL with any password replaced, in the credentials or
+    as a ``password=`` query option (kombu reads one there too)."""
+    url = re.sub(r"([?&;]password=)[^&;#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, separator, rest = url.partition("://")
     if not separator or "@" not in rest:
         return url

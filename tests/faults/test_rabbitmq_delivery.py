@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import text
 
 from tests.support.faults import (
     assert_all_terminal_and_correct,
@@ -37,7 +38,7 @@ from tests.support.pipeline import APPS, Pipeline, plain_celery_client
 from tests.support.processes import ManagedProcess
 from tests.support.rabbitmq import MakeRabbitMQServer, RabbitMQServer
 from tests.support.waiting import wait_for
-from worker.producer import Producer
+from worker.producer import Producer, PublishError
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.faults
@@ -267,3 +268,84 @@ def test_a_frozen_worker_host_is_found_by_heartbeats_and_its_late_runs_change_no
     assert outcome.failed("reply_lost") <= outcome.lost_replies
     assert outcome.succeeded + outcome.failed("reply_lost") == len(jobs)
     assert_codes_match_outcomes(pipeline, jobs, outcome)
+
+
+def test_a_submission_fails_within_its_timeout_while_rabbitmq_blocks_publishers(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """RabbitMQ blocks every publishing connection during a memory or disk alarm and confirms
+    nothing: a submission must not hang the front end's request. It fails after the publish
+    timeout (``PublishError``, the job ``enqueue_failed``), and once the alarm clears the copies
+    RabbitMQ took meanwhile find the job finished and change nothing."""
+    client = plain_celery_client(pipeline.broker_url, pipeline.redis_url)
+    client.conf.broker_transport_options = {"confirm_publish": True}
+    producer = Producer(
+        sessions=pipeline.sessions,
+        celery_app=client,
+        protection=pipeline.producer.protection,
+        publish_timeout_seconds=2,
+    )
+    try:
+        warm = submit_jobs(pipeline, APP_A, 1, label="ralarmw", producer=producer)  # declares the queue
+        rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+        wait_for(
+            lambda: "memory" in rabbitmq.rabbitmqctl("eval", "rabbit_alarm:get_alarms()."),
+            timeout_seconds=20,
+            what="the memory alarm",
+        )
+        started = time.monotonic()
+        with pytest.raises(PublishError):
+            submit_jobs(pipeline, APP_A, 1, label="ralarm", producer=producer)
+        failed_after = time.monotonic() - started
+    finally:
+        rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        client.close()
+    # Celery's publish retry policy tries 4 times, each bounded by the publish timeout.
+    assert failed_after < 4 * 2 + 10, failed_after
+    with pipeline.engine.connect() as conn:
+        [blocked_job_id] = conn.execute(
+            text("SELECT job_id FROM phone_jobs WHERE openid LIKE 'oralarm%' AND openid NOT LIKE 'oralarmw%'")
+        ).scalars()
+    blocked = pipeline.producer.get_job(blocked_job_id)
+    assert blocked is not None and (blocked.status, blocked.error_code) == ("failed", "enqueue_failed")
+
+    pipeline.start_worker("after-alarm", concurrency=2, pool="threads")
+    wait_until_terminal(pipeline, warm, timeout_seconds=30)
+    wait_for(
+        lambda: rabbitmq.queue_depth(JOB_QUEUE) == 0 and rabbitmq.unacknowledged(JOB_QUEUE) == 0,
+        timeout_seconds=30,
+        what="every copy taken",
+    )
+    after = pipeline.producer.get_job(blocked_job_id)
+    assert after is not None and (after.status, after.error_code) == ("failed", "enqueue_failed")
+    assert pipeline.sandbox.stats()["endpoints"]["phone"]["calls"] == 1  # the warm-up job's only
+
+
+def test_a_retry_rabbitmq_refuses_waits_out_its_countdown_instead_of_looping(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """A retry's publish that RabbitMQ nacks (a length limit with ``overflow: reject-publish``)
+    requeues the message, and RabbitMQ redelivers a requeued message at once: the run waits out
+    its countdown first, so a job that keeps retrying does not burn its attempts back to back."""
+    pipeline.settings.update(retry_backoff_base_seconds=6, retry_backoff_max_seconds=6)
+    pipeline.sandbox.inject_fault("phone", errcode=-1, latency_ms=4000)  # held while the policy is set
+    worker = pipeline.start_worker("nacked", concurrency=1, pool="threads")
+    [job] = submit_jobs(pipeline, APP_A, 1, label="rnack")
+    wait_for(lambda: pipeline.sandbox.pending_faults() == [], timeout_seconds=30, what="the held request")
+    rabbitmq.rabbitmqctl(
+        "set_policy", "--apply-to", "queues", "limit", "^wxphone$",
+        '{"max-length-bytes": 1, "overflow": "reject-publish"}',
+    )  # fmt: skip
+    pipeline.sandbox.inject_fault("phone", errcode=-1, times=1000)  # WeChat stays busy
+    policy_at = time.monotonic()
+
+    def deliveries() -> int:
+        return worker.output().count(f"resolve_phone[{job.job_id}] received")
+
+    wait_for(lambda: deliveries() >= 4, timeout_seconds=90, what="three redeliveries")
+    elapsed = time.monotonic() - policy_at
+    # Three requeues, each after a countdown of 3-6 s (6 s with jitter); back to back they took
+    # about a second each.
+    assert elapsed >= 3 * 3, f"{deliveries()} deliveries in {elapsed:.1f}s: a requeue loop"
+    assert "the retry could not be published" in worker.output()
+    rabbitmq.rabbitmqctl("clear_policy", "limit")

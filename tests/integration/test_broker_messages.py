@@ -16,6 +16,8 @@ from tests.support.waiting import wait_for
 
 APPID = "wxpipeline000001"
 JOB_QUEUE = "wxphone"
+#: A code inside a hostile body: dropping the message must not log it.
+SECRET_CODE = "0c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"
 
 
 def hostile_messages(task_id: str) -> list[tuple[str, bytes | str, str, dict[str, Any]]]:
@@ -41,7 +43,12 @@ def hostile_messages(task_id: str) -> list[tuple[str, bytes | str, str, dict[str
             "application/json",
             {**v2_headers, "task": "os.system"},
         ),
-        ("no headers at all", json.dumps({"task": "wxphone.resolve_phone"}), "application/json", {}),
+        (
+            "no headers at all",
+            json.dumps({"task": "wxphone.resolve_phone", "args": [APPID, "oHostile01", SECRET_CODE]}),
+            "application/json",
+            {},
+        ),
         ("binary garbage", bytes(range(256)), "application/octet-stream", v2_headers),
     ]
 
@@ -93,3 +100,5 @@ def test_hostile_message_bodies_are_dropped_once_and_the_next_job_succeeds(pipel
     assert endpoint_counts(pipeline.sandbox, "phone").calls == 1  # none of the hostile ones ran
     assert pipeline.producer.get_job("hostile-task-0001") is None
     assert queue_depth(pipeline.broker_url) == 0  # dropped, not requeued
+    assert "dropped a message no task can be made of" in worker.output()
+    assert SECRET_CODE not in worker.output()

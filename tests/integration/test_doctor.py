@@ -13,7 +13,9 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 
 from tests.support.processes import WXPHONE, base_environment
+from tests.support.rabbitmq import MakeRabbitMQServer
 from tests.support.services import RedisServer, create_database, drop_database
+from worker.doctor import _check_rabbitmq
 
 
 def run_doctor(**settings: object) -> tuple[int, dict[str, dict[str, str]]]:
@@ -203,3 +205,33 @@ def declare_quorum_queue(url: str, name: str) -> None:
         queue(
             name, channel=connection.channel(), durable=True, queue_arguments={"x-queue-type": "quorum"}
         ).declare()
+
+
+def test_doctor_fails_a_job_queue_another_connection_holds_exclusively(
+    make_rabbitmq_server: MakeRabbitMQServer,
+) -> None:
+    # Every worker's and producer's declaration of "wxphone" fails with RESOURCE_LOCKED.
+    server = make_rabbitmq_server()
+    with server.connection() as holder:
+        holder.default_channel.queue_declare(queue="wxphone", durable=False, exclusive=True)
+        findings = {each.check: each for each in _check_rabbitmq(server.url())}
+    assert findings["broker queue wxphone"].verdict == "fail"
+    assert "exclusive" in findings["broker queue wxphone"].detail
+
+
+def test_doctor_names_missing_permissions_instead_of_advising_to_delete_the_queue(
+    make_rabbitmq_server: MakeRabbitMQServer,
+) -> None:
+    server = make_rabbitmq_server()
+    with server.connection() as admin:
+        admin.default_channel.queue_declare(queue="wxphone", durable=True)
+    server.rabbitmqctl("add_user", "limited", "limited-password")
+    server.rabbitmqctl("set_permissions", "-p", "/", "limited", "^nothing$", "^nothing$", "^nothing$")
+    findings = {
+        each.check: each
+        for each in _check_rabbitmq(server.url().replace("guest:guest", "limited:limited-password"))
+    }
+    assert findings["broker"].verdict == "ok"
+    assert findings["broker queue wxphone"].verdict == "fail"
+    assert "ACCESS_REFUSED" in findings["broker queue wxphone"].detail
+    assert "delete" not in findings["broker queue wxphone"].detail

@@ -78,3 +78,10 @@ def test_config_show_with_rabbitmq_shows_its_delivery_options_and_where_results_
     assert 2 * shown["celery"]["broker_heartbeat"] < shown["code_lifetime_seconds"] / 4
     assert "a-rabbit-password" not in done.stdout
     assert "a-redis-password" not in done.stdout
+
+
+def test_config_show_masks_a_password_given_as_a_url_option() -> None:
+    done = show({"WXPHONE_BROKER_URL": "amqps://wx@rabbit.internal:5671//?password=an-option-password&ssl=1"})
+    assert done.returncode == 0, done.stderr
+    assert "an-option-password" not in done.stdout
+    assert json.loads(done.stdout)["broker_url"] == "amqps://wx@rabbit.internal:5671//?password=***&ssl=1"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 import redis
@@ -45,12 +46,28 @@ def _retry(task: Task, countdown: float) -> Exception:
     countdown waits in a worker's unacknowledged set, and one that outlived the visibility timeout
     would come back as a second delivery.
 
-    When the retry cannot be published (broker down), requeue the message instead of dropping
-    it: Celery rejects it *without* requeue, which loses the job."""
-    countdown = min(countdown, get_runtime().settings.retry_countdown_max_seconds)
+    When the retry cannot be published (Redis down, RabbitMQ refusing or not confirming it within
+    ``WXPHONE_PUBLISH_TIMEOUT_SECONDS``), requeue the message instead of dropping it (Celery rejects
+    it *without* requeue, which loses the job), after waiting out the countdown here: RabbitMQ
+    redelivers a requeued message at once, and without the wait a job that keeps retrying would
+    loop through its attempts back to back."""
+    settings = get_runtime().settings
+    countdown = min(countdown, settings.retry_countdown_max_seconds)
     try:
-        retry: Exception = task.retry(countdown=countdown)
+        retry: Exception = task.retry(
+            countdown=countdown,
+            timeout=settings.publish_timeout_seconds,
+            confirm_timeout=settings.publish_timeout_seconds,
+        )
     except Reject as rejected:
+        # A quarter of the soft limit at most, so that the limit cannot strike during the wait.
+        wait_seconds = min(countdown, settings.task_soft_time_limit_seconds / 4)
+        log.warning(
+            "the retry could not be published; the job goes back on the queue in %.0f s",
+            wait_seconds,
+            extra={"job_id": task.request.id},
+        )
+        time.sleep(wait_seconds)
         requeued: Exception = Reject(rejected.reason, requeue=True)
         return requeued
     return retry
