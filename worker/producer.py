@@ -221,6 +221,9 @@ class Producer:
                 queue=JOB_QUEUE,
                 timeout=self.publish_timeout_seconds,
                 confirm_timeout=self.publish_timeout_seconds,
+                # A message no queue takes (the job queue deleted after this connection declared
+                # it) is returned, and the publish raises, instead of being dropped unseen.
+                mandatory=True,
             )
 
         if is_redis_url(str(self.celery_app.conf.broker_url or "")):

@@ -349,3 +349,30 @@ def test_a_retry_rabbitmq_refuses_waits_out_its_countdown_instead_of_looping(
     assert elapsed >= 3 * 3, f"{deliveries()} deliveries in {elapsed:.1f}s: a requeue loop"
     assert "the retry could not be published" in worker.output()
     rabbitmq.rabbitmqctl("clear_policy", "limit")
+
+
+def test_a_submission_no_queue_takes_fails_instead_of_vanishing(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """The job queue deleted after a front end declared it (an operator recreating it): kombu does
+    not declare it again on that connection, so RabbitMQ has nowhere to route the message. It
+    must not confirm a message it dropped: the submission fails (``enqueue_failed``) instead of
+    returning a job id whose message exists nowhere."""
+    client = plain_celery_client(pipeline.broker_url, pipeline.redis_url)
+    client.conf.broker_transport_options = {"confirm_publish": True}
+    producer = Producer(
+        sessions=pipeline.sessions, celery_app=client, protection=pipeline.producer.protection
+    )
+    try:
+        first = submit_jobs(pipeline, APP_A, 1, label="rqdel", producer=producer)  # declares the queue
+        rabbitmq.rabbitmqctl("delete_queue", JOB_QUEUE)
+        with pytest.raises(PublishError):
+            submit_jobs(pipeline, APP_A, 1, label="rqdelx", producer=producer)
+        # The next submission declares the queue again on a fresh connection and runs.
+        later = submit_jobs(pipeline, APP_A, 1, label="rqdell", producer=producer)
+    finally:
+        client.close()
+    pipeline.start_worker("after-delete", concurrency=2, pool="threads")
+    wait_until_terminal(pipeline, later, timeout_seconds=30, why="a submission after the queue came back")
+    assert assert_all_terminal_and_correct(pipeline, later).succeeded == 1
+    assert count_in(pipeline, first, "queued") == 1  # its message went with the deleted queue
