@@ -17,7 +17,7 @@ import pytest
 
 import celeryconfig
 from tests.support.faults import FAST_SETTINGS, print_recovery
-from tests.support.pipeline import Pipeline
+from tests.support.pipeline import BROKERS, Pipeline
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.faults
@@ -32,6 +32,7 @@ def sweep_times(*logs: str) -> list[datetime]:
     return sorted(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f") for stamp in stamps)
 
 
+@pytest.mark.parametrize("broker", BROKERS)  # the sweep and the refresh travel on wxphone.token
 def test_two_beats_exactly_one_schedules_and_the_standby_takes_over(pipeline: Pipeline) -> None:
     interval = float(FAST_SETTINGS["sweep_interval_seconds"])
     pipeline.settings.update(FAST_SETTINGS)
