@@ -51,6 +51,7 @@ from contextlib import suppress
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.exceptions import NotRegistered
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.request import Request
 
@@ -211,15 +212,26 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]  # Celery is untyped
         """Drop a message no request can be made of, logging what it was but not its body:
         Celery logs up to 1 KB of the raw body, which may hold a code where redaction cannot
         find it (a positional argument, a truncated value)."""
-        headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
-        logger.error(
-            "dropped a message no task can be made of (%s): task %r, id %r, %d bytes",
-            type(exc).__name__,
-            str(headers.get("task", "?"))[:64],
-            str(headers.get("id", "?"))[:64],
-            len(message.body or b""),
-        )
+        logger.error("dropped a message no task can be made of (%s): %s", type(exc).__name__, _about(message))
         message.reject_log_error(logger, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        """Drop a message that is no task message at all, logging it without its body."""
+        logger.warning("dropped a message that is no task message: %s", _about(message))
+        message.reject_log_error(logger, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        """Drop a message for a task this worker does not run, logging it without its body, and
+        store the failure as Celery does (a sender waiting for the result learns of it)."""
+        logger.error("dropped a message for a task this worker does not run: %s", _about(message))
+        message.reject_log_error(logger, self.connection_errors)
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id, name = headers.get("id"), headers.get("task")
+        if isinstance(task_id, str) and isinstance(name, str):
+            with suppress(Exception):  # the result store is a courtesy here; the drop is done
+                self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=None)
         signals.task_rejected.send(sender=self, message=message, exc=exc)
 
     def apply_eta_task(self, task: Request) -> None:
@@ -306,6 +318,15 @@ class _KeepUnrecorded:
             except KeyError:  # not recorded: Redis no longer holds it anywhere
                 self._kept.append(raw_message)
             raise
+
+
+def _about(message: Any) -> str:
+    """What a dropped message was, without its body: task name, id and size."""
+    headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
+    size = len(message.body or b"")
+    return (
+        f"task {str(headers.get('task', '?'))[:64]!r}, id {str(headers.get('id', '?'))[:64]!r}, {size} bytes"
+    )
 
 
 def _still_unacknowledged(request: Request) -> bool:

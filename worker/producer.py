@@ -16,6 +16,8 @@ the fingerprint key: the workers alone fingerprint codes.
 
 from __future__ import annotations
 
+import concurrent.futures
+import queue
 import threading
 import uuid
 from collections.abc import Callable
@@ -51,6 +53,11 @@ LOGIN_TASK = "wxphone.login"
 JOB_QUEUE = "wxphone"
 #: A phone code's life, from WeChat's documentation.
 DEFAULT_CODE_LIFETIME_SECONDS = 300.0
+#: Threads a producer publishes from with RabbitMQ: publishes wait for confirms in parallel,
+#: and a broker that blocks publishers holds at most this many.
+PUBLISH_THREADS = 8
+#: Celery's publish retry for submissions: one retry, at once.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 #: ``Settings.publish_timeout_seconds``'s default.
 DEFAULT_PUBLISH_TIMEOUT_SECONDS = 10.0
 
@@ -148,6 +155,8 @@ class Producer:
         #: fails: a broker that blocks publishers (a RabbitMQ resource alarm) must not hang the
         #: front end's request.
         self.publish_timeout_seconds = publish_timeout_seconds
+        self._publisher_lock = threading.Lock()
+        self._publisher_pool: _Publisher | None = None
 
     def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
@@ -209,9 +218,16 @@ class Producer:
         RabbitMQ memory or disk alarm blocks publishers, a failed publish still hangs afterwards:
         kombu closes the channel and waits for a reply RabbitMQ sends only once the alarm clears
         (py-amqp retries its read on EAGAIN, so no socket timeout ends that wait). So with
-        RabbitMQ the publish runs in a thread of its own and the caller stops waiting for it after
-        twice the publish timeout; a message that lands later finds its job failed and changes
-        nothing."""
+        RabbitMQ the publish runs on one of a few publishing threads and the caller stops waiting
+        for it after twice the publish timeout (a publish that has not started by then is not
+        sent); a message that lands later finds its job failed and changes nothing."""
+
+        # With confirms, a message no queue takes (the job queue deleted after this connection
+        # declared it) is returned before its confirm, and the publish raises instead of it being
+        # dropped unseen. Without confirms nothing waits for the return: it would surface later,
+        # in an unrelated wait on the pooled channel.
+        transport_options = self.celery_app.conf.broker_transport_options or {}
+        confirmed = bool(transport_options.get("confirm_publish"))
 
         def send() -> None:
             self.celery_app.send_task(
@@ -221,30 +237,31 @@ class Producer:
                 queue=JOB_QUEUE,
                 timeout=self.publish_timeout_seconds,
                 confirm_timeout=self.publish_timeout_seconds,
-                # A message no queue takes (the job queue deleted after this connection declared
-                # it) is returned, and the publish raises, instead of being dropped unseen.
-                mandatory=True,
+                mandatory=confirmed,
+                # One more try on a fresh connection (a broker restart), and no more: each waits
+                # the publish timeout, and a message RabbitMQ took before its confirm timed out
+                # lands once more for every try.
+                retry_policy=PUBLISH_RETRY_POLICY,
             )
 
         if is_redis_url(str(self.celery_app.conf.broker_url or "")):
             send()  # every Redis command carries a socket timeout of its own
             return
-        failure: list[BaseException] = []
-        done = threading.Event()
+        publishing = self._publisher().submit(send)
+        try:
+            publishing.result(timeout=2 * self.publish_timeout_seconds)
+        except concurrent.futures.TimeoutError:
+            publishing.cancel()  # not sent at all if it had not started
+            raise TimeoutError(
+                f"the broker took no message within {2 * self.publish_timeout_seconds:.0f} s"
+            ) from None
 
-        def publish() -> None:
-            try:
-                send()
-            except BaseException as error:  # handed to the caller
-                failure.append(error)
-            finally:
-                done.set()
-
-        threading.Thread(target=publish, name="wxphone-publish", daemon=True).start()
-        if not done.wait(2 * self.publish_timeout_seconds):
-            raise TimeoutError(f"the broker took no message within {2 * self.publish_timeout_seconds:.0f} s")
-        if failure:
-            raise failure[0]
+    def _publisher(self) -> _Publisher:
+        """The threads this producer publishes from with RabbitMQ (started on first use)."""
+        with self._publisher_lock:
+            if self._publisher_pool is None:
+                self._publisher_pool = _Publisher(PUBLISH_THREADS)
+            return self._publisher_pool
 
     def get_job(self, job_id: str) -> JobView | None:
         """The job with this id, or None."""
@@ -326,6 +343,35 @@ class Producer:
             country_code=user.country_code,
             phone_verified_at=user.phone_verified_at,
         )
+
+
+class _Publisher:
+    """A few daemon threads that run publishes handed to them. Daemon threads, unlike a
+    ``ThreadPoolExecutor``'s, do not hold the process at exit while a publish waits for a broker
+    that blocks publishers."""
+
+    def __init__(self, threads: int) -> None:
+        self._work: queue.SimpleQueue[tuple[concurrent.futures.Future[None], Callable[[], None]]]
+        self._work = queue.SimpleQueue()
+        for index in range(threads):
+            threading.Thread(target=self._run, name=f"wxphone-publish-{index}", daemon=True).start()
+
+    def submit(self, publish: Callable[[], None]) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._work.put((future, publish))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, publish = self._work.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # the caller gave up before it started: never sent
+            try:
+                publish()
+            except BaseException as error:  # handed to the caller
+                future.set_exception(error)
+            else:
+                future.set_result(None)
 
 
 def _with_caller(kwargs: dict[str, Any], caller: str | None) -> dict[str, Any]:

@@ -376,3 +376,39 @@ def test_a_submission_no_queue_takes_fails_instead_of_vanishing(
     wait_until_terminal(pipeline, later, timeout_seconds=30, why="a submission after the queue came back")
     assert assert_all_terminal_and_correct(pipeline, later).succeeded == 1
     assert count_in(pipeline, first, "queued") == 1  # its message went with the deleted queue
+
+
+def test_a_retry_refused_late_in_a_run_is_requeued_before_the_soft_time_limit(
+    pipeline: Pipeline, rabbitmq: RabbitMQServer
+) -> None:
+    """A retry RabbitMQ refuses when the run has used most of its soft time limit: the wait before
+    the requeue is cut to what the limit leaves, so the limit cannot strike there (Celery would
+    acknowledge the message as failed, and the job would have no message anywhere)."""
+    pipeline.settings.update(
+        http_connect_timeout_seconds=0.5,
+        http_read_timeout_seconds=4,
+        token_wait_seconds=0.4,
+        task_soft_time_limit_seconds=5,
+        task_time_limit_seconds=30,
+        retry_backoff_base_seconds=6,
+        retry_backoff_max_seconds=6,
+    )
+    # WeChat answers busy after 3.9 s: the retry is published about 4 s into a 5 s soft limit.
+    pipeline.sandbox.inject_fault("phone", errcode=-1, latency_ms=3900)
+    worker = pipeline.start_worker("late-retry", concurrency=1, pool="prefork")
+    [job] = submit_jobs(pipeline, APP_A, 1, label="rsoft")
+    wait_for(lambda: pipeline.sandbox.pending_faults() == [], timeout_seconds=30, what="the held request")
+    rabbitmq.rabbitmqctl(
+        "set_policy", "--apply-to", "queues", "limit", "^wxphone$",
+        '{"max-length-bytes": 1, "overflow": "reject-publish"}',
+    )  # fmt: skip
+
+    def deliveries() -> int:
+        return worker.output().count(f"resolve_phone[{job.job_id}] received")
+
+    wait_for(lambda: deliveries() >= 2, timeout_seconds=30, what="the requeued message delivered again")
+    rabbitmq.rabbitmqctl("clear_policy", "limit")
+    assert "the retry could not be published" in worker.output()
+    assert "SoftTimeLimitExceeded" not in worker.output()
+    wait_until_terminal(pipeline, [job], timeout_seconds=60)
+    assert assert_all_terminal_and_correct(pipeline, [job]).succeeded == 1

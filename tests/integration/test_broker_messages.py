@@ -39,7 +39,7 @@ def hostile_messages(task_id: str) -> list[tuple[str, bytes | str, str, dict[str
         ),
         (
             "an unregistered task",
-            json.dumps([[], {}, {}]),
+            json.dumps([[APPID, "oHostile02", SECRET_CODE], {}, {}]),
             "application/json",
             {**v2_headers, "task": "os.system"},
         ),
@@ -101,4 +101,5 @@ def test_hostile_message_bodies_are_dropped_once_and_the_next_job_succeeds(pipel
     assert pipeline.producer.get_job("hostile-task-0001") is None
     assert queue_depth(pipeline.broker_url) == 0  # dropped, not requeued
     assert "dropped a message no task can be made of" in worker.output()
+    assert "dropped a message for a task this worker does not run" in worker.output()
     assert SECRET_CODE not in worker.output()

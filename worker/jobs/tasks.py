@@ -13,6 +13,7 @@ by name to queue ``wxphone``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -40,7 +41,12 @@ LOGIN = "wxphone.login"
 SWEEP_STUCK_JOBS = "wxphone.sweep_stuck_jobs"
 
 
-def _retry(task: Task, countdown: float) -> Exception:
+#: Time a run keeps free before its soft time limit when it waits out a countdown it could not
+#: hand to the broker.
+SOFT_LIMIT_MARGIN_SECONDS = 2.0
+
+
+def _retry(task: Task, countdown: float, *, started: float) -> Exception:
     """``task.retry`` after ``countdown`` seconds, at most ``WXPHONE_RETRY_COUNTDOWN_MAX_SECONDS``
     (a longer wait is taken in hops: the task finds it must wait again and retries again). A
     countdown waits in a worker's unacknowledged set, and one that outlived the visibility timeout
@@ -48,9 +54,11 @@ def _retry(task: Task, countdown: float) -> Exception:
 
     When the retry cannot be published (Redis down, RabbitMQ refusing or not confirming it within
     ``WXPHONE_PUBLISH_TIMEOUT_SECONDS``), requeue the message instead of dropping it (Celery rejects
-    it *without* requeue, which loses the job), after waiting out the countdown here: RabbitMQ
-    redelivers a requeued message at once, and without the wait a job that keeps retrying would
-    loop through its attempts back to back."""
+    it *without* requeue, which loses the job), after waiting out the countdown here, as far as
+    the soft time limit leaves time (``started``: the run's ``time.monotonic()`` at its start):
+    RabbitMQ redelivers a requeued message at once, and without the wait a job that keeps
+    retrying would loop through its attempts back to back. A soft time limit striking meanwhile
+    still requeues: the message must not be acknowledged as a failure."""
     settings = get_runtime().settings
     countdown = min(countdown, settings.retry_countdown_max_seconds)
     try:
@@ -60,16 +68,23 @@ def _retry(task: Task, countdown: float) -> Exception:
             confirm_timeout=settings.publish_timeout_seconds,
         )
     except Reject as rejected:
-        # A quarter of the soft limit at most, so that the limit cannot strike during the wait.
-        wait_seconds = min(countdown, settings.task_soft_time_limit_seconds / 4)
+        left = (
+            settings.task_soft_time_limit_seconds - (time.monotonic() - started) - SOFT_LIMIT_MARGIN_SECONDS
+        )
+        wait_seconds = max(0.0, min(countdown, left))
         log.warning(
             "the retry could not be published; the job goes back on the queue in %.0f s",
             wait_seconds,
             extra={"job_id": task.request.id},
         )
-        time.sleep(wait_seconds)
+        with contextlib.suppress(SoftTimeLimitExceeded):
+            time.sleep(wait_seconds)
         requeued: Exception = Reject(rejected.reason, requeue=True)
         return requeued
+    except SoftTimeLimitExceeded:
+        log.warning("the soft time limit struck while publishing a retry; the job goes back on the queue")
+        struck: Exception = Reject("soft time limit while publishing a retry", requeue=True)
+        return struck
     return retry
 
 
@@ -98,6 +113,7 @@ def _database_backoff(retries: int) -> float:
 @app.task(name=RESOLVE_PHONE, bind=True, max_retries=None, Request=JobRequest)
 def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Resolve one phone code into the user's phone number (job id = this task's id)."""
+    started = time.monotonic()
     runtime = get_runtime()
     # Positional arguments are not part of the interface; they count as invalid input.
     appid, openid, code = (
@@ -124,9 +140,9 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning(
             "database error, job retries: %s", type(error).__name__, extra={"job_id": self.request.id}
         )
-        raise _retry(self, _database_backoff(self.request.retries)) from None
+        raise _retry(self, _database_backoff(self.request.retries), started=started) from None
     if outcome.retry_in_seconds is not None:
-        raise _retry(self, outcome.retry_in_seconds)
+        raise _retry(self, outcome.retry_in_seconds, started=started)
     if not outcome.reports_job:
         # This run was taken over (or its job closed) meanwhile, or the task id is another job's:
         # the run that holds the job stores the task's result; a result stored now would be the
@@ -138,6 +154,7 @@ def resolve_phone(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 @app.task(name=LOGIN, bind=True, max_retries=None)
 def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Exchange a wx.login code for openid/unionid and record the user."""
+    started = time.monotonic()
     runtime = get_runtime()
     if not is_valid_task_id(self.request.id):
         # The audit row of the call could never be written: refuse before the code is spent.
@@ -171,9 +188,9 @@ def login(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.warning(
             "database error, login retries: %s", type(error).__name__, extra={"task_id": self.request.id}
         )
-        raise _retry(self, _database_backoff(self.request.retries)) from None
+        raise _retry(self, _database_backoff(self.request.retries), started=started) from None
     if outcome.retry_in_seconds is not None:
-        raise _retry(self, outcome.retry_in_seconds)
+        raise _retry(self, outcome.retry_in_seconds, started=started)
     return outcome.as_result()
 
 
