@@ -26,6 +26,9 @@ from bench.report import evaluate_targets, load_results, render_report, write_js
 log = logging.getLogger("bench")
 
 SYSTEM_NAMES = ("raw", "baseline", "wxphone")
+#: Pools the bench runs every system on: wxphone starts with ``python -m worker worker`` and raw
+#: and baseline with ``python -m celery``, both of which patch for gevent before importing anything.
+POOLS = ("threads", "gevent")
 
 
 def _csv_ints(value: str) -> tuple[int, ...]:
@@ -53,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", action="store_true", help="throughput vs threads and vs processes")
     parser.add_argument("--backlog", action="store_true", help="drain backlogs of 1k/10k/50k jobs")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="sandbox latency per call [50]")
-    parser.add_argument("--concurrency", "-c", type=int, default=100, help="threads per worker process [100]")
+    parser.add_argument(
+        "--concurrency", "-c", type=int, default=100, help="threads (or greenlets) per worker process [100]"
+    )
     parser.add_argument("--processes", "-p", type=int, default=2, help="worker processes per system [2]")
-    parser.add_argument("--pool", default="threads", choices=["threads"], help="Celery pool [threads]")
+    parser.add_argument(
+        "--pool", default="threads", choices=POOLS, help="Celery pool of all three systems [threads]"
+    )
     parser.add_argument("--jobs", type=int, default=None, help="jobs in each drain [5000; quick 1000]")
     parser.add_argument("--only", type=_systems, default=SYSTEM_NAMES, help="systems: raw,baseline,wxphone")
     parser.add_argument("--no-duplicates", action="store_true", help="skip the 10%% duplicate run")

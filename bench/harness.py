@@ -193,8 +193,11 @@ class System:
 
     def worker_args(self, index: int, pool: str, concurrency: int) -> list[str]:
         if self.name == "wxphone":
+            # ``python -m worker`` (what the ``wxphone`` script runs) patches for gevent before
+            # anything is imported; ``python -m worker.cli`` would be too late and refuses gevent.
+            # The ``celery`` command below patches first the same way (maybe_patch_concurrency).
             return [
-                PYTHON, "-m", "worker.cli", "worker", "--pool", pool, "--concurrency", str(concurrency),
+                PYTHON, "-m", "worker", "worker", "--pool", pool, "--concurrency", str(concurrency),
                 "--queues", "wxphone,wxphone.token", "--hostname", f"wxphone{index}@%h",
             ]  # fmt: skip
         module, queue = (

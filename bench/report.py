@@ -344,7 +344,8 @@ def render_report(results: Sequence[PhaseResult], targets: Sequence[Target], met
     latency = meta.get("latency_ms")
     header = (
         f"wxphone benchmark: sandbox latency {latency} ms, pool {meta.get('pool')}, "
-        f"{meta.get('processes')} worker process(es) x {meta.get('concurrency')} threads"
+        f"{meta.get('processes')} worker process(es) x {meta.get('concurrency')} "
+        f"{'greenlets' if meta.get('pool') == 'gevent' else 'threads'}"
     )
     sections.append(header)
     titles = {

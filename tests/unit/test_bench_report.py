@@ -108,6 +108,13 @@ class TestTables:
         assert cells[2:6] == ["60.0", "-", "90.0", "200"]  # latency and offered rate from the paced phase
         assert cells[-5:-3] == ["1", "0"]  # failed and lost of both phases
 
+    def test_header_names_the_pool_and_what_it_runs_jobs_on(self) -> None:
+        meta = {"latency_ms": 50, "processes": 2, "concurrency": 100}
+        threads = render_report([], [], {**meta, "pool": "threads"}).splitlines()[0]
+        gevent = render_report([], [], {**meta, "pool": "gevent"}).splitlines()[0]
+        assert threads.endswith("pool threads, 2 worker process(es) x 100 threads")
+        assert gevent.endswith("pool gevent, 2 worker process(es) x 100 greenlets")
+
 
 class TestResultDicts:
     def test_derived_fields_are_in_the_json(self) -> None:
@@ -186,3 +193,30 @@ class TestTargets:
 
     def test_throughput_not_measured(self) -> None:
         assert self.by_name(evaluate_targets([]), "throughput").met is None
+
+
+class TestCommandLine:
+    """``--pool``: every system runs on it, started through an entry point that patches for gevent first."""
+
+    def test_pool_choices(self) -> None:
+        from bench.__main__ import build_parser, config_from
+
+        parser = build_parser()
+        assert config_from(parser.parse_args([])).pool == "threads"
+        assert config_from(parser.parse_args(["--pool", "gevent"])).pool == "gevent"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--pool", "prefork"])
+
+    def test_wxphone_workers_start_through_the_entry_point_that_patches_first(self) -> None:
+        from bench.harness import PYTHON, SYSTEMS
+        from worker.launch import wants_gevent
+
+        args = SYSTEMS["wxphone"].worker_args(0, "gevent", 100)
+        # python -m worker (the wxphone script's entry), not python -m worker.cli, which refuses gevent
+        assert args[:3] == [PYTHON, "-m", "worker"]
+        assert wants_gevent(args[3:], None)
+        for name in ("raw", "baseline"):
+            args = SYSTEMS[name].worker_args(0, "gevent", 100)
+            # the celery command patches for gevent itself (maybe_patch_concurrency) before importing
+            assert args[:3] == [PYTHON, "-m", "celery"]
+            assert args[args.index("--pool") + 1] == "gevent"
