@@ -99,6 +99,7 @@ class _PublishThenRaise:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.conf = pipeline.celery.conf  # the producer reads the broker URL and its options
 
     def send_task(self, name: str, **options: Any) -> Any:
         self.pipeline.celery.send_task(name, **options)
