@@ -10,6 +10,7 @@ from models.base import NAMING_CONVENTION, Base
 from models.code_claim import TERMINAL_CLAIM_STATUSES, CodeClaim, CodeClaimStatus
 from models.exchange_audit import AuditApi, AuditOutcome, ExchangeAudit
 from models.key_check import KeyCheck
+from models.login_job import LoginJob
 from models.phone_job import TERMINAL_JOB_STATUSES, PhoneJob, PhoneJobStatus
 from models.user import User
 
@@ -24,6 +25,7 @@ __all__ = [
     "CodeClaimStatus",
     "ExchangeAudit",
     "KeyCheck",
+    "LoginJob",
     "PhoneJob",
     "PhoneJobStatus",
     "User",

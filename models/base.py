@@ -21,6 +21,7 @@ __all__ = [
     "created_at_column",
     "in_values_check",
     "maintain_updated_at",
+    "run_sql",
     "touch_updated_at_trigger_ddl",
     "updated_at_column",
 ]
@@ -55,7 +56,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def _run_sql(sql: str) -> Callable[..., None]:
+def run_sql(sql: str) -> Callable[..., None]:
     """A DDL event listener that executes ``sql`` on the connection doing the create or drop."""
 
     def listener(_target: object, connection: Connection, **_kwargs: object) -> None:
@@ -65,8 +66,8 @@ def _run_sql(sql: str) -> Callable[..., None]:
 
 
 # create_all()/drop_all() manage the trigger function the way the migrations do.
-event.listen(Base.metadata, "before_create", _run_sql(CREATE_TOUCH_FUNCTION_SQL))
-event.listen(Base.metadata, "after_drop", _run_sql(DROP_TOUCH_FUNCTION_SQL))
+event.listen(Base.metadata, "before_create", run_sql(CREATE_TOUCH_FUNCTION_SQL))
+event.listen(Base.metadata, "after_drop", run_sql(DROP_TOUCH_FUNCTION_SQL))
 
 
 def in_values_check(column: str, values: Iterable[str]) -> str:
@@ -104,4 +105,4 @@ def maintain_updated_at(table: Table) -> None:
     Production schemas come from the migrations, which create the same function and triggers.
     """
     create_trigger, _ = touch_updated_at_trigger_ddl(table.name)
-    event.listen(table, "after_create", _run_sql(create_trigger))
+    event.listen(table, "after_create", run_sql(create_trigger))

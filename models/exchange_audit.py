@@ -13,7 +13,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, String, event
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, _run_sql, created_at_column, in_values_check
+from models.base import Base, run_sql, created_at_column, in_values_check
 
 __all__ = [
     "APPEND_ONLY_FUNCTION",
@@ -111,6 +111,6 @@ class ExchangeAudit(Base):
 
 # create_all()/drop_all() build the same function and trigger as the migration.
 _table = Base.metadata.tables[ExchangeAudit.__tablename__]
-event.listen(_table, "before_create", _run_sql(CREATE_APPEND_ONLY_FUNCTION_SQL))
-event.listen(_table, "after_create", _run_sql(append_only_trigger_ddl(ExchangeAudit.__tablename__)[0]))
-event.listen(_table, "after_drop", _run_sql(DROP_APPEND_ONLY_FUNCTION_SQL))
+event.listen(_table, "before_create", run_sql(CREATE_APPEND_ONLY_FUNCTION_SQL))
+event.listen(_table, "after_create", run_sql(append_only_trigger_ddl(ExchangeAudit.__tablename__)[0]))
+event.listen(_table, "after_drop", run_sql(DROP_APPEND_ONLY_FUNCTION_SQL))

@@ -9,6 +9,7 @@ from sqlalchemy import CheckConstraint, DateTime, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, created_at_column, in_values_check
+from models.job_notify import notify_job_done
 
 __all__ = ["TERMINAL_JOB_STATUSES", "PhoneJob", "PhoneJobStatus"]
 
@@ -74,3 +75,6 @@ class PhoneJob(Base):
 
     def __repr__(self) -> str:
         return f"PhoneJob(job_id={self.job_id!r}, appid={self.appid!r}, status={self.status!r})"
+
+
+notify_job_done(Base.metadata.tables[PhoneJob.__tablename__])

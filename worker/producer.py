@@ -6,6 +6,8 @@ Front ends need the broker and the database, never an AppSecret::
 
     job_id = submit_phone_code(appid="wx123", openid=openid, code=code, caller="web-checkout")
     job = get_job(job_id)            # JobView: status queued/running/retrying/succeeded/failed
+    job = wait_for_job(job_id, timeout_seconds=5)   # at its end, or its state after 5 s
+    job = submit_phone_code(appid="wx123", openid=openid, code=code, wait_seconds=5)  # both at once
     user = get_user(appid="wx123", openid=openid)   # UserView with the verified number
     users = find_users_by_phone(phone_number="13800138000")   # exact match, via the blind index
 
@@ -16,26 +18,32 @@ the fingerprint key: the workers alone fingerprint codes.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, cast
+from datetime import datetime, timedelta
+from typing import Any, cast, overload
 
+import psycopg
 from celery import Celery
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, Engine, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import KeyCheck, PhoneJob, PhoneJobStatus, User
+from models import TERMINAL_JOB_STATUSES, KeyCheck, LoginJob, PhoneJob, PhoneJobStatus, User
 from worker.audit import clean_caller
 from worker.crypto import DataProtection, default_protection, users_context
 from worker.jobs.phone import record_submission, utc_now
-from worker.jobs.validation import validate_phone_job
+from worker.jobs.validation import validate_login, validate_phone_job
 from worker.keychecks import mismatch_error
 from worker.settings import is_redis_url
+from worker.waiting import JobDoneListener
 from worker.wechat.types import mask_phone_number
 
 __all__ = [
@@ -45,9 +53,13 @@ __all__ = [
     "find_users_by_phone",
     "get_job",
     "get_user",
+    "submit_login",
     "submit_phone_code",
+    "wait_for_job",
 ]
 
+PHONE_KIND = "phone"
+LOGIN_KIND = "login"
 RESOLVE_PHONE_TASK = "wxphone.resolve_phone"
 LOGIN_TASK = "wxphone.login"
 JOB_QUEUE = "wxphone"
@@ -58,6 +70,8 @@ DEFAULT_CODE_LIFETIME_SECONDS = 300.0
 PUBLISH_THREADS = 8
 #: Celery's publish retry for submissions: one retry, at once.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+#: How long opening the LISTEN connection may take.
+LISTEN_CONNECT_TIMEOUT_SECONDS = 5
 #: ``Settings.publish_timeout_seconds``'s default.
 DEFAULT_PUBLISH_TIMEOUT_SECONDS = 10.0
 
@@ -68,22 +82,34 @@ def _iso(value: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class JobView:
-    """A phone job as front ends see it."""
+    """A phone or login job as front ends see it.
+
+    ``kind`` is ``phone`` or ``login``. A login job's ``openid`` and ``unionid`` are its result:
+    unset until it succeeded (WeChat's session_key is never here).
+    """
 
     job_id: str
+    kind: str
     appid: str
-    openid: str
+    openid: str | None
     status: str
     error_code: str | None
     attempts: int
     created_at: datetime
     finished_at: datetime | None
-    canonical_job_id: str | None
+    canonical_job_id: str | None = None
+    unionid: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the job has ended (``succeeded`` or ``failed``): it never changes again."""
+        return self.status in TERMINAL_JOB_STATUSES
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields, times in ISO 8601."""
-        return {
+        record: dict[str, Any] = {
             "job_id": self.job_id,
+            "kind": self.kind,
             "appid": self.appid,
             "openid": self.openid,
             "status": self.status,
@@ -92,6 +118,9 @@ class JobView:
             "created_at": _iso(self.created_at),
             "finished_at": _iso(self.finished_at),
         }
+        if self.kind == LOGIN_KIND:
+            record["unionid"] = self.unionid
+        return record
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,7 @@ class Producer:
         clock: Callable[[], datetime] = utc_now,
         protection: DataProtection | None = None,
         publish_timeout_seconds: float = DEFAULT_PUBLISH_TIMEOUT_SECONDS,
+        listener: JobDoneListener | None = None,
     ) -> None:
         self.sessions = sessions
         self.celery_app = celery_app
@@ -157,9 +187,33 @@ class Producer:
         self.publish_timeout_seconds = publish_timeout_seconds
         self._publisher_lock = threading.Lock()
         self._publisher_pool: _Publisher | None = None
+        #: Wakes :meth:`wait_for_job` waiters when a job ends (one LISTEN connection per process,
+        #: opened by the first wait).
+        self.listener = listener or JobDoneListener(_listen_connector(_bound_engine(sessions)))
 
-    def submit_phone_code(self, *, appid: str, openid: str, code: str, caller: str | None = None) -> str:
+    @overload
+    def submit_phone_code(
+        self, *, appid: str, openid: str, code: str, caller: str | None = None, wait_seconds: None = None
+    ) -> str: ...
+
+    @overload
+    def submit_phone_code(
+        self, *, appid: str, openid: str, code: str, caller: str | None = None, wait_seconds: float
+    ) -> JobView: ...
+
+    def submit_phone_code(
+        self,
+        *,
+        appid: str,
+        openid: str,
+        code: str,
+        caller: str | None = None,
+        wait_seconds: float | None = None,
+    ) -> str | JobView:
         """Record a ``queued`` job and enqueue ``wxphone.resolve_phone``; return the job id.
+
+        With ``wait_seconds``, wait for the job as :meth:`wait_for_job` does and return its view
+        instead: the job at its end, or as it stands when the wait is over.
 
         ``caller`` is an optional label of the front end for the audit trail (printable, at most
         64 characters; anything else is dropped).
@@ -201,15 +255,89 @@ class Producer:
                     .values(status="failed", error_code="enqueue_failed", finished_at=self.clock())
                 )
             if not cast("CursorResult[Any]", marked).rowcount:
+                return job_id if wait_seconds is None else self._waited(job_id, wait_seconds)
+            raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
+        return job_id if wait_seconds is None else self._waited(job_id, wait_seconds)
+
+    def submit_login(self, *, appid: str, js_code: str, caller: str | None = None) -> str:
+        """Record a ``queued`` login job and enqueue ``wxphone.login``; return the job id.
+
+        The job is read like a phone job (:meth:`get_job`, :meth:`wait_for_job`); once it
+        succeeded its view carries the user's openid and unionid. Raises
+        :class:`worker.jobs.validation.InvalidInputError` for malformed input (nothing is
+        recorded or sent) and :class:`PublishError` as :meth:`submit_phone_code` does.
+        """
+        login = validate_login(appid=appid, js_code=js_code, configured_appids=None)
+        job_id = str(uuid.uuid4())
+        now = self.clock()
+        with self.sessions.begin() as session:
+            session.execute(
+                insert(LoginJob).values(
+                    job_id=job_id,
+                    appid=login.appid,
+                    status=PhoneJobStatus.QUEUED.value,
+                    created_at=now,
+                    code_expires_at=now + timedelta(seconds=self.code_lifetime_seconds),
+                )
+            )
+        try:
+            self._send(
+                LOGIN_TASK, _with_caller({"appid": login.appid, "js_code": login.js_code}, caller), job_id
+            )
+        except Exception as error:
+            with self.sessions.begin() as session:
+                marked = session.execute(
+                    update(LoginJob)
+                    .where(LoginJob.job_id == job_id, LoginJob.status == PhoneJobStatus.QUEUED.value)
+                    .values(status="failed", error_code="enqueue_failed", finished_at=self.clock())
+                )
+            if not cast("CursorResult[Any]", marked).rowcount:
                 return job_id
             raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
         return job_id
 
-    def submit_login(self, *, appid: str, js_code: str, caller: str | None = None) -> str:
-        """Enqueue ``wxphone.login``; its Celery result carries openid and unionid."""
-        task_id = str(uuid.uuid4())
-        self._send(LOGIN_TASK, _with_caller({"appid": appid, "js_code": js_code}, caller), task_id)
-        return task_id
+    def _waited(self, job_id: str, wait_seconds: float) -> JobView:
+        job = self.wait_for_job(job_id, wait_seconds)
+        if job is None:  # the row was committed before the publish: only a deleted row is missing
+            raise LookupError(f"job {job_id} disappeared")
+        return job
+
+    def wait_for_job(self, job_id: str, timeout_seconds: float) -> JobView | None:
+        """The job once it has ended, or as it stands after ``timeout_seconds``; None if no job
+        has this id. Blocks the calling thread, which wakes when PostgreSQL notifies the job's
+        end (:mod:`worker.waiting`), not by polling."""
+        deadline = time.monotonic() + max(0.0, timeout_seconds)
+        woken = threading.Event()
+        with self.listener.watching(job_id, woken.set):
+            while True:
+                woken.clear()  # before reading: an end committed after the read sets it again
+                job = self.get_job(job_id)
+                remaining = deadline - time.monotonic()
+                if job is None or job.is_terminal or remaining <= 0:
+                    return job
+                woken.wait(remaining)
+
+    async def wait_for_job_async(self, job_id: str, timeout_seconds: float) -> JobView | None:
+        """:meth:`wait_for_job` for asyncio: the waiting task holds no thread (reads of the job
+        run on the loop's default executor), so one process can hold thousands of waits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_seconds)
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            # RuntimeError: the loop closed while the wait was still registered.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(woken.set)
+
+        with self.listener.watching(job_id, wake):
+            while True:
+                woken.clear()
+                job = await loop.run_in_executor(None, self.get_job, job_id)
+                remaining = deadline - loop.time()
+                if job is None or job.is_terminal or remaining <= 0:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), remaining)
 
     def _send(self, task_name: str, kwargs: dict[str, Any], task_id: str) -> None:
         """Publish one task to the job queue, failing (``TimeoutError``) after a bounded time.
@@ -264,23 +392,38 @@ class Producer:
             return self._publisher_pool
 
     def get_job(self, job_id: str) -> JobView | None:
-        """The job with this id, or None."""
+        """The phone or login job with this id, or None."""
         if "\x00" in job_id:
             return None  # PostgreSQL text cannot hold NUL, so no job has such an id
         with self.sessions() as session:
             job = session.get(PhoneJob, job_id)
-            if job is None:
+            if job is not None:
+                return JobView(
+                    job_id=job.job_id,
+                    kind=PHONE_KIND,
+                    appid=job.appid,
+                    openid=job.openid,
+                    status=job.status,
+                    error_code=job.error_code,
+                    attempts=job.attempts,
+                    created_at=job.created_at,
+                    finished_at=job.finished_at,
+                    canonical_job_id=job.canonical_job_id,
+                )
+            login = session.get(LoginJob, job_id)
+            if login is None:
                 return None
             return JobView(
-                job_id=job.job_id,
-                appid=job.appid,
-                openid=job.openid,
-                status=job.status,
-                error_code=job.error_code,
-                attempts=job.attempts,
-                created_at=job.created_at,
-                finished_at=job.finished_at,
-                canonical_job_id=job.canonical_job_id,
+                job_id=login.job_id,
+                kind=LOGIN_KIND,
+                appid=login.appid,
+                openid=login.openid,
+                status=login.status,
+                error_code=login.error_code,
+                attempts=login.attempts,
+                created_at=login.created_at,
+                finished_at=login.finished_at,
+                unionid=login.unionid,
             )
 
     def get_user(self, *, appid: str, openid: str) -> UserView | None:
@@ -374,6 +517,34 @@ class _Publisher:
                 future.set_result(None)
 
 
+def _bound_engine(sessions: sessionmaker[Session]) -> Engine:
+    bind = sessions.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("the session factory must be bound to an Engine")
+    return bind
+
+
+def _listen_connector(engine: Engine) -> Callable[[], psycopg.Connection[tuple[object, ...]]]:
+    """Opens the LISTEN connection of :class:`JobDoneListener` to the engine's database."""
+    conninfo = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def connect() -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=LISTEN_CONNECT_TIMEOUT_SECONDS,
+            application_name="wxphone-listen",
+            # A peer gone without a word (a host lost, a firewall dropping the idle flow) is
+            # noticed by the listener's probe; keepalives end the probe's wait.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+
+    return connect
+
+
 def _with_caller(kwargs: dict[str, Any], caller: str | None) -> dict[str, Any]:
     label = clean_caller(caller)
     return {**kwargs, "caller": label} if label is not None else kwargs
@@ -393,6 +564,16 @@ def submit_phone_code(*, appid: str, openid: str, code: str, caller: str | None 
 def get_job(job_id: str) -> JobView | None:
     """:meth:`Producer.get_job` with the process-wide settings."""
     return _default().get_job(job_id)
+
+
+def submit_login(*, appid: str, js_code: str, caller: str | None = None) -> str:
+    """:meth:`Producer.submit_login` with the process-wide settings."""
+    return _default().submit_login(appid=appid, js_code=js_code, caller=caller)
+
+
+def wait_for_job(job_id: str, timeout_seconds: float) -> JobView | None:
+    """:meth:`Producer.wait_for_job` with the process-wide settings."""
+    return _default().wait_for_job(job_id, timeout_seconds)
 
 
 def get_user(*, appid: str, openid: str) -> UserView | None:

@@ -11,7 +11,7 @@ from datetime import datetime
 from tests.support.pipeline import Pipeline, run_cli
 
 APPID = "wxpipeline000001"
-JOB_FIELDS = ["job_id", "appid", "openid", "status", "error_code", "attempts", "created_at", "finished_at"]
+JOB_FIELDS = ["job_id", "kind", "appid", "openid", "status", "error_code", "attempts", "created_at", "finished_at"]
 USER_FIELDS = [
     "appid",
     "openid",
@@ -85,8 +85,9 @@ def test_enqueue_then_show_the_job_and_the_user(pipeline: Pipeline) -> None:
 
     job = json.loads(job_json.stdout)
     assert list(job) == JOB_FIELDS
-    assert {key: job[key] for key in JOB_FIELDS[:6]} == {
+    assert {key: job[key] for key in JOB_FIELDS[:7]} == {
         "job_id": job_id,
+        "kind": "phone",
         "appid": APPID,
         "openid": "oCli000000001",
         "status": "succeeded",

@@ -22,7 +22,7 @@ from tests.support.processes import WXPHONE, base_environment
 from tests.support.services import POSTGRES_ADMIN_URL, create_database, drop_database, free_port
 from worker import db
 
-APP_TABLES = {"users", "phone_jobs", "code_claims", "exchange_audit", "key_checks"}
+APP_TABLES = {"users", "phone_jobs", "login_jobs", "code_claims", "exchange_audit", "key_checks"}
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ def test_a_submission_is_recorded_then_queued_by_task_name(pipeline: Pipeline) -
     assert before <= job.created_at <= datetime.now(UTC)
     assert set(job.as_dict()) == {
         "job_id",
+        "kind",
         "appid",
         "openid",
         "status",

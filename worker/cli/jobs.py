@@ -10,6 +10,9 @@ import click
 from worker.errors import WxphoneError
 from worker.runtime import get_runtime
 
+#: ``job show --wait``'s exit status for a job still open when the wait ended.
+STILL_OPEN_EXIT_STATUS = 3
+
 
 def _print_record(record: dict[str, Any], as_json: bool) -> None:
     if as_json:
@@ -35,18 +38,31 @@ def enqueue_command(appid: str, openid: str, code: str) -> None:
 
 @click.group("job")
 def job_group() -> None:
-    """Inspect phone-code jobs."""
+    """Inspect phone-code and login jobs."""
 
 
 @job_group.command("show")
 @click.argument("job_id")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Wait up to SECONDS for the job to end (woken by PostgreSQL, no polling); then show it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def job_show_command(job_id: str, as_json: bool) -> None:
-    """Show one job: status, error code, attempts and times."""
-    job = get_runtime().producer.get_job(job_id)
+def job_show_command(job_id: str, wait_seconds: float | None, as_json: bool) -> None:
+    """Show one phone or login job: status, error code, attempts and times.
+
+    With --wait, the command exits with status 0 once the job has ended, and 3 when it is still
+    open at the end of the wait (shown as it stands)."""
+    producer = get_runtime().producer
+    job = producer.get_job(job_id) if wait_seconds is None else producer.wait_for_job(job_id, wait_seconds)
     if job is None:
         raise click.ClickException(f"no job with id {job_id}")
     _print_record(job.as_dict(), as_json)
+    if wait_seconds is not None and not job.is_terminal:
+        raise SystemExit(STILL_OPEN_EXIT_STATUS)
 
 
 @click.group("user")

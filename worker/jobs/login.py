@@ -4,9 +4,15 @@ The session_key WeChat returns is never returned or logged; it is stored encrypt
 (``users.session_key_encrypted``, bound to the user's row). Every code2Session call appends one
 row to ``exchange_audit``; a successful call's row is committed with the user row.
 
-A login code can be exchanged once. A task that runs again after its login succeeded (its message
-redelivered because the worker died before acknowledging it) finds its own successful audit row
-and returns the recorded user instead of presenting the spent code to WeChat again. Once
+Each login is a durable job, a ``login_jobs`` row keyed by the task id (recorded by the producer,
+or by the first run for a task sent by another Celery client): queued, running, retrying,
+succeeded (with openid and unionid, written in the transaction that records the user and the
+call's audit row) or failed (with its error code). The row's end notifies waiting front ends
+(:mod:`worker.waiting`).
+
+A login code can be exchanged once. A task that runs again after its login ended (its message
+redelivered because the worker died before acknowledging it) finds its job ended and returns the
+stored outcome instead of presenting the spent code to WeChat again. Once
 code2Session has answered, the code is spent and the session_key exists nowhere else, so the user
 write is retried in-process while PostgreSQL is unreachable instead of running the task again.
 
@@ -32,20 +38,21 @@ import time
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import ExchangeAudit, User
-from models.exchange_audit import AuditApi, AuditOutcome
+from models import TERMINAL_JOB_STATUSES, LoginJob, PhoneJobStatus, User
+from models.exchange_audit import AuditApi
 from worker.audit import AuditEntry, append_rows, audit_row, clean_caller, record_exchange
 from worker.crypto import DataProtection, default_protection, row_key_version, users_context
 from worker.db import retry_while_unreachable
 from worker.errors import OperatorActionRequiredError, RequestRejectedError, RetryLaterError, WxphoneError
 from worker.jobs.phone import JobPolicy, RunnerLeaseLapsedError
-from worker.jobs.validation import ValidatedLogin, code_fingerprint, validate_login
+from worker.jobs.validation import ValidatedLogin, code_fingerprint, display_identifier, validate_login
 from worker.limits import (
     API_LOGIN,
     CallGate,
@@ -64,6 +71,10 @@ log = logging.getLogger(__name__)
 
 #: A login code lives 5 minutes; a handful of backed-off attempts fits well inside that.
 MAX_LOGIN_ATTEMPTS = 5
+#: A login code's life, from WeChat's documentation: a login job's expiry.
+LOGIN_CODE_LIFETIME_SECONDS = 300.0
+#: Open statuses: the job may still change.
+_OPEN = [PhoneJobStatus.QUEUED.value, PhoneJobStatus.RUNNING.value, PhoneJobStatus.RETRYING.value]
 
 
 @dataclass(frozen=True)
@@ -113,37 +124,82 @@ def login_user(
     try:
         login = validate_login(appid=appid, js_code=js_code, configured_appids=apps.keys())
     except RequestRejectedError as error:
+        if task_id is not None:
+            _record_rejected(sessions, task_id=task_id, appid=appid, error_code=error.error_code)
         return LoginOutcome("failed", error.error_code)
     credentials = apps[login.appid]
     fingerprint = code_fingerprint(policy.fingerprint_key, login.appid, login.js_code)
     if task_id is not None:
-        done = _earlier_success(sessions, appid=login.appid, task_id=task_id, fingerprint=fingerprint)
+        done = _record_or_read_job(sessions, task_id=task_id, appid=login.appid)
         if done is not None:
             return done
     if lease is None or run_claims is None or task_id is None:
-        return _attempt(
+        outcome = _started_attempt(
             login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
             fingerprint, lease=None, runner=None,
         )  # fmt: skip
+        return _settle_job(sessions, task_id, outcome)
     lease.start()  # a claim never names a runner that has not taken its lease
     runner = lease.runner_id
     with lease.running(task_id):
         try:
             wait_seconds = run_claims.claim(task_id, runner)
         except LivenessUnavailableError as error:
-            return _retry_or_fail(error, login.appid, attempt, policy)
+            return _settle_job(sessions, task_id, _retry_or_fail(error, login.appid, attempt, policy))
         if wait_seconds is not None:
+            # The other run owns the job's row: this delivery changes nothing in it.
             log.info("login runs elsewhere; looking again in %.1fs", wait_seconds, extra={"task_id": task_id})
             return LoginOutcome(
                 "retrying", "running_elsewhere", appid=login.appid, retry_in_seconds=wait_seconds
             )
         try:
-            return _attempt(
+            outcome = _started_attempt(
                 login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
                 fingerprint, lease=lease, runner=runner,
             )  # fmt: skip
+            return _settle_job(sessions, task_id, outcome)
         finally:
             run_claims.release(task_id, runner)
+
+
+def _started_attempt(
+    login: ValidatedLogin,
+    attempt: int,
+    sessions: sessionmaker[Session],
+    client: WeChatClient,
+    credentials: AppCredentials,
+    policy: JobPolicy,
+    gate: CallGate | None,
+    protection: DataProtection | None,
+    task_id: str | None,
+    caller: object,
+    fingerprint: str,
+    *,
+    lease: RunnerLease | None,
+    runner: str | None,
+) -> LoginOutcome:
+    """Mark the job ``running`` (one more attempt), then run :func:`_attempt`; a job that ended
+    meanwhile (another run finished it) returns its stored outcome without a call."""
+    if task_id is not None:
+        with sessions.begin() as session:
+            started = session.execute(
+                update(LoginJob)
+                .where(LoginJob.job_id == task_id, LoginJob.status.in_(_OPEN))
+                .values(
+                    status=PhoneJobStatus.RUNNING.value,
+                    attempts=LoginJob.attempts + 1,
+                    started_at=func.coalesce(LoginJob.started_at, func.now()),
+                )
+                .returning(LoginJob.job_id)
+            ).scalar_one_or_none()
+        if started is None:
+            done = _stored_outcome(sessions, task_id)
+            if done is not None:
+                return done
+    return _attempt(
+        login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
+        fingerprint, lease=lease, runner=runner,
+    )  # fmt: skip
 
 
 def _attempt(
@@ -216,6 +272,7 @@ def _attempt(
             session_key_encrypted=session_key,
             key_version=cipher.current_version,
             audit=succeeded,
+            job_id=task_id,
         )
 
     # The code is spent: running the task again would present it a second time (40029).
@@ -237,8 +294,10 @@ def _record_user(
     session_key_encrypted: str,
     key_version: str,
     audit: dict[str, object],
+    job_id: str | None,
 ) -> None:
-    """Upsert the user with its encrypted session_key and the call's audit row, in one transaction."""
+    """Upsert the user with its encrypted session_key, the call's audit row and the job's success
+    (its openid and unionid), in one transaction."""
     with sessions.begin() as session:
         statement = insert(User).values(
             appid=appid,
@@ -262,29 +321,91 @@ def _record_user(
         session.execute(statement)
         # In the user's transaction: a successful audit row means the user row is there too.
         append_rows(session, [audit])
-
-
-def _earlier_success(
-    sessions: sessionmaker[Session], *, appid: str, task_id: str, fingerprint: str
-) -> LoginOutcome | None:
-    """The outcome of this task's earlier run that exchanged this very code, if one succeeded."""
-    with sessions() as session:
-        row = session.execute(
-            select(User.openid, User.unionid)
-            .join(ExchangeAudit, (ExchangeAudit.appid == User.appid) & (ExchangeAudit.openid == User.openid))
-            .where(
-                ExchangeAudit.api == AuditApi.LOGIN.value,
-                ExchangeAudit.job_id == task_id,
-                ExchangeAudit.appid == appid,
-                ExchangeAudit.code_fingerprint == fingerprint,
-                ExchangeAudit.outcome == AuditOutcome.SUCCEEDED.value,
+        if job_id is not None:
+            # Even over a job the sweep closed meanwhile: the code is spent and the user recorded,
+            # so the job's truth is this success.
+            session.execute(
+                update(LoginJob)
+                .where(LoginJob.job_id == job_id)
+                .values(
+                    status=PhoneJobStatus.SUCCEEDED.value,
+                    error_code=None,
+                    openid=openid,
+                    unionid=unionid,
+                    finished_at=func.now(),
+                )
             )
-            .limit(1)
-        ).one_or_none()
-    if row is None:
+
+
+def _record_or_read_job(sessions: sessionmaker[Session], *, task_id: str, appid: str) -> LoginOutcome | None:
+    """Record the job (a task sent by another Celery client has no row yet); if it has already
+    ended (a redelivered message), its stored outcome: the spent code is not presented again."""
+    with sessions.begin() as session:
+        session.execute(
+            insert(LoginJob)
+            .values(
+                job_id=task_id,
+                appid=appid,
+                status=PhoneJobStatus.QUEUED.value,
+                code_expires_at=func.now() + timedelta(seconds=LOGIN_CODE_LIFETIME_SECONDS),
+            )
+            .on_conflict_do_nothing(index_elements=[LoginJob.job_id])
+        )
+    return _stored_outcome(sessions, task_id)
+
+
+def _stored_outcome(sessions: sessionmaker[Session], task_id: str) -> LoginOutcome | None:
+    """The outcome of the job if it has ended, else None."""
+    with sessions() as session:
+        job = session.get(LoginJob, task_id)
+    if job is None or job.status not in TERMINAL_JOB_STATUSES:
         return None
-    log.info("login already succeeded in an earlier run of this task", extra={"task_id": task_id})
-    return LoginOutcome("succeeded", None, appid=appid, openid=row.openid, unionid=row.unionid)
+    log.info("login already ended in an earlier run of this task", extra={"task_id": task_id})
+    if job.status == PhoneJobStatus.SUCCEEDED.value:
+        return LoginOutcome("succeeded", None, appid=job.appid, openid=job.openid, unionid=job.unionid)
+    return LoginOutcome("failed", job.error_code, appid=job.appid)
+
+
+def _record_rejected(
+    sessions: sessionmaker[Session], *, task_id: str, appid: object, error_code: str
+) -> None:
+    """Record a login refused for its input as a failed job (nothing was called)."""
+    with sessions.begin() as session:
+        statement = insert(LoginJob).values(
+            job_id=task_id,
+            appid=display_identifier(appid, limit=64),
+            status=PhoneJobStatus.FAILED.value,
+            error_code=error_code,
+            code_expires_at=func.now(),
+            finished_at=func.now(),
+        )
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[LoginJob.job_id],
+                set_={
+                    "status": statement.excluded.status,
+                    "error_code": statement.excluded.error_code,
+                    "finished_at": statement.excluded.finished_at,
+                },
+                where=LoginJob.status.in_(_OPEN),
+            )
+        )
+
+
+def _settle_job(sessions: sessionmaker[Session], task_id: str | None, outcome: LoginOutcome) -> LoginOutcome:
+    """Write a failed or retrying outcome to the job (a success is written with the user)."""
+    if task_id is None or outcome.status == "succeeded":
+        return outcome
+    values: dict[str, object] = (
+        {"status": PhoneJobStatus.FAILED.value, "error_code": outcome.error_code, "finished_at": func.now()}
+        if outcome.status == "failed"
+        else {"status": PhoneJobStatus.RETRYING.value, "error_code": outcome.error_code}
+    )
+    with sessions.begin() as session:
+        session.execute(
+            update(LoginJob).where(LoginJob.job_id == task_id, LoginJob.status.in_(_OPEN)).values(**values)
+        )
+    return outcome
 
 
 def _failed_call(

@@ -10,6 +10,9 @@ truth. wxphone never stores a code, so a sweep can only close jobs, never re-run
 * ``worker_lost``: its code may have reached WeChat (the job's code claim was ``exchanging``);
   whether WeChat consumed it is unknown;
 * ``code_expired``: its code never reached WeChat.
+
+Login jobs are closed the same way: ``worker_lost`` for one left ``running`` (its code may have
+reached WeChat), ``code_expired`` for one that never ran again.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import CodeClaim, PhoneJob
+from models import CodeClaim, LoginJob, PhoneJob
 from models.code_claim import CodeClaimStatus
 from models.phone_job import PhoneJobStatus
 
@@ -66,6 +69,29 @@ def sweep_stuck_jobs(*, sessions: sessionmaker[Session], stale_claim_seconds: fl
                 claim.status = CodeClaimStatus.FAILED.value
                 claim.error_code = error_code
             closed[error_code] += 1
+    with sessions.begin() as session:
+        logins = session.execute(
+            update(LoginJob)
+            .where(
+                LoginJob.job_id.in_(
+                    select(LoginJob.job_id)
+                    .where(LoginJob.status.in_(_OPEN_JOB), LoginJob.code_expires_at < cutoff)
+                    .order_by(LoginJob.code_expires_at)
+                    .limit(SWEEP_BATCH_SIZE)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            .values(
+                status=PhoneJobStatus.FAILED.value,
+                error_code=case(
+                    (LoginJob.status == PhoneJobStatus.RUNNING.value, "worker_lost"), else_="code_expired"
+                ),
+                finished_at=func.now(),
+            )
+            .returning(LoginJob.error_code)
+        ).scalars()
+        for login_error_code in logins:
+            closed[f"login_{login_error_code}"] += 1
     if closed:
         log.warning("closed stuck jobs: %s", dict(closed))
     return dict(closed)

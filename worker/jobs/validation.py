@@ -106,8 +106,10 @@ def validate_phone_job(
     return ValidatedPhoneJob(appid=checked_appid, openid=openid, code=_check_code(code, "code"))
 
 
-def validate_login(*, appid: object, js_code: object, configured_appids: Collection[str]) -> ValidatedLogin:
-    """Validate ``login`` arguments, like :func:`validate_phone_job`."""
+def validate_login(
+    *, appid: object, js_code: object, configured_appids: Collection[str] | None
+) -> ValidatedLogin:
+    """Validate ``login`` arguments, like :func:`validate_phone_job` (``None``: the form only)."""
     checked_appid = _check_appid(appid, configured_appids)
     return ValidatedLogin(appid=checked_appid, js_code=_check_code(js_code, "js_code"))
 
