@@ -384,7 +384,7 @@ class Bench:
         self.redis.flush(*dbs)
         with self.engine.begin() as connection:
             connection.execute(
-                text("TRUNCATE users, phone_jobs, code_claims, key_checks, bench_jobs, bench_users")
+                text("TRUNCATE users, phone_jobs, login_jobs, code_claims, key_checks, bench_jobs, bench_users")
             )
 
     def _fetch_raw_token(self, system: System) -> str:

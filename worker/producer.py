@@ -25,7 +25,8 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast, overload
@@ -70,6 +71,8 @@ DEFAULT_CODE_LIFETIME_SECONDS = 300.0
 PUBLISH_THREADS = 8
 #: Celery's publish retry for submissions: one retry, at once.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+#: Most job ids one batched read of waiting jobs asks for.
+READ_BATCH_SIZE = 500
 #: How long opening the LISTEN connection may take.
 LISTEN_CONNECT_TIMEOUT_SECONDS = 5
 #: ``Settings.publish_timeout_seconds``'s default.
@@ -190,6 +193,8 @@ class Producer:
         #: Wakes :meth:`wait_for_job` waiters when a job ends (one LISTEN connection per process,
         #: opened by the first wait).
         self.listener = listener or JobDoneListener(_listen_connector(_bound_engine(sessions)))
+        self._loop_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _BatchedJobReads]
+        self._loop_reads = weakref.WeakKeyDictionary()
 
     @overload
     def submit_phone_code(
@@ -296,6 +301,10 @@ class Producer:
             raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
         return job_id
 
+    def close(self) -> None:
+        """Stop this producer's job-end listener (a process that ends need not call it)."""
+        self.listener.close()
+
     def _waited(self, job_id: str, wait_seconds: float) -> JobView:
         job = self.wait_for_job(job_id, wait_seconds)
         if job is None:  # the row was committed before the publish: only a deleted row is missing
@@ -318,11 +327,13 @@ class Producer:
                 woken.wait(remaining)
 
     async def wait_for_job_async(self, job_id: str, timeout_seconds: float) -> JobView | None:
-        """:meth:`wait_for_job` for asyncio: the waiting task holds no thread (reads of the job
-        run on the loop's default executor), so one process can hold thousands of waits."""
+        """:meth:`wait_for_job` for asyncio: the waiting task holds no thread, and the reads of
+        all the waits on one event loop are batched (one query for every job to look at, run on
+        the loop's default executor), so one process can hold thousands of waits."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_seconds)
         woken = asyncio.Event()
+        reads = self._batched_reads(loop)
 
         def wake() -> None:
             # RuntimeError: the loop closed while the wait was still registered.
@@ -332,12 +343,33 @@ class Producer:
         with self.listener.watching(job_id, wake):
             while True:
                 woken.clear()
-                job = await loop.run_in_executor(None, self.get_job, job_id)
+                job = await reads.read(job_id)
                 remaining = deadline - loop.time()
                 if job is None or job.is_terminal or remaining <= 0:
                     return job
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), remaining)
+
+    def _batched_reads(self, loop: asyncio.AbstractEventLoop) -> _BatchedJobReads:
+        with self._publisher_lock:
+            reads = self._loop_reads.get(loop)
+            if reads is None:
+                reads = self._loop_reads[loop] = _BatchedJobReads(self.get_jobs)
+            return reads
+
+    def get_jobs(self, job_ids: Collection[str]) -> dict[str, JobView]:
+        """The phone and login jobs among ``job_ids``, by id (two queries however many)."""
+        wanted = [job_id for job_id in set(job_ids) if "\x00" not in job_id]
+        if not wanted:
+            return {}
+        with self.sessions() as session:
+            phones = session.execute(select(PhoneJob).where(PhoneJob.job_id.in_(wanted))).scalars().all()
+            views = {job.job_id: _phone_view(job) for job in phones}
+            missing = [job_id for job_id in wanted if job_id not in views]
+            if missing:
+                logins = session.execute(select(LoginJob).where(LoginJob.job_id.in_(missing))).scalars()
+                views.update((job.job_id, _login_view(job)) for job in logins)
+        return views
 
     def _send(self, task_name: str, kwargs: dict[str, Any], task_id: str) -> None:
         """Publish one task to the job queue, failing (``TimeoutError``) after a bounded time.
@@ -398,33 +430,9 @@ class Producer:
         with self.sessions() as session:
             job = session.get(PhoneJob, job_id)
             if job is not None:
-                return JobView(
-                    job_id=job.job_id,
-                    kind=PHONE_KIND,
-                    appid=job.appid,
-                    openid=job.openid,
-                    status=job.status,
-                    error_code=job.error_code,
-                    attempts=job.attempts,
-                    created_at=job.created_at,
-                    finished_at=job.finished_at,
-                    canonical_job_id=job.canonical_job_id,
-                )
+                return _phone_view(job)
             login = session.get(LoginJob, job_id)
-            if login is None:
-                return None
-            return JobView(
-                job_id=login.job_id,
-                kind=LOGIN_KIND,
-                appid=login.appid,
-                openid=login.openid,
-                status=login.status,
-                error_code=login.error_code,
-                attempts=login.attempts,
-                created_at=login.created_at,
-                finished_at=login.finished_at,
-                unionid=login.unionid,
-            )
+            return None if login is None else _login_view(login)
 
     def get_user(self, *, appid: str, openid: str) -> UserView | None:
         """The user (appid, openid) with the full, decrypted number, or None."""
@@ -486,6 +494,77 @@ class Producer:
             country_code=user.country_code,
             phone_verified_at=user.phone_verified_at,
         )
+
+
+def _phone_view(job: PhoneJob) -> JobView:
+    return JobView(
+        job_id=job.job_id,
+        kind=PHONE_KIND,
+        appid=job.appid,
+        openid=job.openid,
+        status=job.status,
+        error_code=job.error_code,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        canonical_job_id=job.canonical_job_id,
+    )
+
+
+def _login_view(job: LoginJob) -> JobView:
+    return JobView(
+        job_id=job.job_id,
+        kind=LOGIN_KIND,
+        appid=job.appid,
+        openid=job.openid,
+        status=job.status,
+        error_code=job.error_code,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        unionid=job.unionid,
+    )
+
+
+class _BatchedJobReads:
+    """Coalesces the job reads of one event loop's waits: while one batch is being read, the
+    next one gathers, so a thousand waiters woken together (a listener that reconnected) cost a
+    few queries, not a thousand."""
+
+    def __init__(self, get_jobs: Callable[[Collection[str]], dict[str, JobView]]) -> None:
+        self._get_jobs = get_jobs
+        self._pending: dict[str, list[asyncio.Future[JobView | None]]] = {}
+        self._reading = False
+
+    async def read(self, job_id: str) -> JobView | None:
+        future: asyncio.Future[JobView | None] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(job_id, []).append(future)
+        if not self._reading:
+            self._reading = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch = dict(list(self._pending.items())[:READ_BATCH_SIZE])
+                for job_id in batch:
+                    del self._pending[job_id]
+                try:
+                    views = await loop.run_in_executor(None, self._get_jobs, list(batch))
+                except Exception as error:  # handed to every waiter of the batch
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(error)
+                    continue
+                for job_id, futures in batch.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(views.get(job_id))
+        finally:
+            self._reading = False
 
 
 class _Publisher:

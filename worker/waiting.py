@@ -41,6 +41,8 @@ Wake = Callable[[], None]
 
 #: How often an idle listening connection is checked with a round trip.
 LISTENER_PROBE_SECONDS = 5.0
+#: How soon a closed listener lets go of its connection.
+CLOSE_CHECK_SECONDS = 0.5
 #: Backoff between reconnection attempts while PostgreSQL is unreachable.
 RECONNECT_FIRST_PAUSE_SECONDS = 0.1
 RECONNECT_MAX_PAUSE_SECONDS = 2.0
@@ -59,6 +61,7 @@ class JobDoneListener:
         self._waiters: dict[str, list[Wake]] = {}
         self._thread_pid: int | None = None
         self._listening = threading.Event()
+        self._closed = threading.Event()
         #: How many times the connection has been (re)established: tests and metrics.
         self.connections_made = 0
 
@@ -92,7 +95,14 @@ class JobDoneListener:
             self._ensure_thread()
         return self._listening.wait(timeout_seconds)
 
+    def close(self) -> None:
+        """Stop listening: the thread closes its connection within :data:`CLOSE_CHECK_SECONDS`
+        and waiters are no longer woken by notifications (their waits still end at their timeout)."""
+        self._closed.set()
+
     def _ensure_thread(self) -> None:
+        if self._closed.is_set():
+            return
         # A process forked from one whose thread ran has the flag but not the thread.
         if self._thread_pid == os.getpid():
             return
@@ -102,7 +112,7 @@ class JobDoneListener:
 
     def _run(self) -> None:
         pause = RECONNECT_FIRST_PAUSE_SECONDS
-        while True:
+        while not self._closed.is_set():
             try:
                 with self._connect() as connection:
                     connection.execute(f"LISTEN {JOB_DONE_CHANNEL}")
@@ -120,14 +130,17 @@ class JobDoneListener:
                         type(error).__name__,
                     )
                 self._listening.clear()
-            time.sleep(pause)
+            self._closed.wait(pause)
             pause = min(RECONNECT_MAX_PAUSE_SECONDS, pause * 2)
 
     def _listen(self, connection: psycopg.Connection[tuple[object, ...]]) -> None:
-        while True:
-            for notify in connection.notifies(timeout=LISTENER_PROBE_SECONDS):
+        probe_at = time.monotonic() + LISTENER_PROBE_SECONDS
+        while not self._closed.is_set():
+            for notify in connection.notifies(timeout=CLOSE_CHECK_SECONDS):
                 self._wake(notify.payload)
-            connection.execute("SELECT 1")  # raises if the connection is gone
+            if time.monotonic() >= probe_at:
+                connection.execute("SELECT 1")  # raises if the connection is gone
+                probe_at = time.monotonic() + LISTENER_PROBE_SECONDS
 
     def _wake(self, job_id: str) -> None:
         with self._lock:

@@ -11,7 +11,17 @@ from datetime import datetime
 from tests.support.pipeline import Pipeline, run_cli
 
 APPID = "wxpipeline000001"
-JOB_FIELDS = ["job_id", "kind", "appid", "openid", "status", "error_code", "attempts", "created_at", "finished_at"]
+JOB_FIELDS = [
+    "job_id",
+    "kind",
+    "appid",
+    "openid",
+    "status",
+    "error_code",
+    "attempts",
+    "created_at",
+    "finished_at",
+]
 USER_FIELDS = [
     "appid",
     "openid",

@@ -124,7 +124,7 @@ class World:
 def world(migrated_database_url: str, redis_urls: RedisUrls) -> Iterator[World]:
     engine = make_engine(migrated_database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
+        conn.execute(text("TRUNCATE users, phone_jobs, login_jobs, code_claims, key_checks"))
     client = redis.Redis.from_url(redis_urls.redis_url)
     lease = RunnerLease(client, lease_seconds=20, call_budget_seconds=9)
     yield World(engine, session_factory(engine), client, lease)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -19,10 +20,12 @@ from tests.support.pipeline import (
     FINGERPRINT_KEY,
     Pipeline,
     endpoint_counts,
+    run_cli,
 )
 from tests.support.waiting import wait_for
 from worker.jobs.login import LoginOutcome, login_user
 from worker.jobs.phone import JobPolicy
+from worker.jobs.validation import InvalidInputError
 from worker.settings import AppCredentials
 from worker.wechat.client import WeChatClient
 
@@ -152,6 +155,13 @@ def test_a_login_run_again_after_it_succeeded_returns_the_user_without_a_second_
     first = run(task_id)
     assert (first.status, first.openid, first.unionid) == ("succeeded", openid, unionid)
     assert run(task_id) == first  # the code is spent at WeChat: not presented again
+    job = pipeline.producer.get_job(task_id)
+    assert job is not None and (job.kind, job.status, job.attempts, job.openid) == (
+        "login",
+        "succeeded",
+        1,
+        openid,
+    )
     calls = endpoint_counts(pipeline.sandbox, "login")
     assert (calls.calls, calls.errcodes) == (1, {"0": 1})
     audit = "SELECT count(*) FROM exchange_audit WHERE api = 'login' AND job_id = :task_id"
@@ -196,3 +206,64 @@ def test_a_45011_on_one_users_login_delays_only_that_login(pipeline: Pipeline) -
     assert flooding.get(timeout=window_seconds + 10)["openid"] == flooding_openid
     calls = endpoint_counts(pipeline.sandbox, "login")
     assert (calls.calls, calls.errcodes) == (3, {"0": 2, "45011": 1})
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_login_is_a_durable_job_readable_and_waitable_by_its_id(pipeline: Pipeline) -> None:
+    pipeline.settings.update(FAST_RETRY_SETTINGS)
+    pipeline.start_worker()
+    openid, unionid = "oLoginJob00001", "uLoginJob00001"
+    js_code, _ = pipeline.sandbox.mint_login_code(APPID, openid=openid, unionid=unionid)
+    pipeline.sandbox.inject_fault("login", errcode=-1)  # busy once: a second attempt
+
+    job_id = pipeline.producer.submit_login(appid=APPID, js_code=js_code)
+    queued = pipeline.producer.get_job(job_id)
+    assert queued is not None and (queued.kind, queued.status, queued.openid) == ("login", "queued", None)
+    job = pipeline.producer.wait_for_job(job_id, timeout_seconds=30)
+    assert job is not None
+    assert (job.kind, job.status, job.error_code, job.attempts) == ("login", "succeeded", None, 2)
+    assert (job.openid, job.unionid, job.appid) == (openid, unionid, APPID)
+    assert job.finished_at is not None and job.created_at <= job.finished_at
+
+    shown = run_cli(pipeline, "job", "show", job_id, "--wait", "5", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == job.as_dict()
+    assert "session" not in shown.stdout
+
+    # A failed login keeps its error code; a spent code is refused by WeChat, once.
+    failed = pipeline.producer.wait_for_job(
+        pipeline.producer.submit_login(appid=APPID, js_code=js_code), timeout_seconds=30
+    )
+    assert failed is not None and (failed.status, failed.error_code, failed.openid) == (
+        "failed",
+        "invalid_code",
+        None,
+    )
+    # Bad input is refused before anything is recorded or sent.
+    for bad in ({"appid": APPID, "js_code": ""}, {"appid": "not an appid", "js_code": "x"}):
+        with pytest.raises(InvalidInputError):
+            pipeline.producer.submit_login(**bad)
+    assert pipeline.count("SELECT count(*) FROM login_jobs") == 2
+    assert endpoint_counts(pipeline.sandbox, "login").calls == 3
+
+
+def test_a_login_sent_by_another_celery_client_is_recorded_as_a_job(pipeline: Pipeline) -> None:
+    pipeline.start_worker()
+    js_code, openid = pipeline.sandbox.mint_login_code(APPID)
+    task_id = pipeline.send_by_name(LOGIN, appid=APPID, js_code=js_code)
+    assert pipeline.celery.AsyncResult(task_id).get(timeout=30)["status"] == "succeeded"
+    job = pipeline.producer.get_job(task_id)
+    assert job is not None and (job.kind, job.status, job.openid, job.attempts) == (
+        "login",
+        "succeeded",
+        openid,
+        1,
+    )
+    # Input refused by the worker is a failed job too (its code was never presented).
+    refused = pipeline.send_by_name(LOGIN, appid=APPID, js_code="")
+    assert pipeline.celery.AsyncResult(refused).get(timeout=30)["error_code"] == "invalid_input"
+    refused_job = pipeline.producer.get_job(refused)
+    assert refused_job is not None and (refused_job.status, refused_job.error_code) == (
+        "failed",
+        "invalid_input",
+    )

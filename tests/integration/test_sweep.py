@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from models import CodeClaim, PhoneJob
+from models import CodeClaim, LoginJob, PhoneJob
 from worker.db import make_engine, session_factory
 from worker.jobs.phone import utc_now
 from worker.jobs.sweep import sweep_stuck_jobs
@@ -22,7 +22,7 @@ STALE_SECONDS = 135.0
 def sessions(migrated_database_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(migrated_database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
+        conn.execute(text("TRUNCATE users, phone_jobs, login_jobs, code_claims, key_checks"))
     yield session_factory(engine)
     engine.dispose()
 
@@ -88,4 +88,39 @@ def test_sweep_closes_only_jobs_past_their_code_life_and_names_the_truth(
     assert claims["never-sent"] == "failed"
     assert claims["still-may-run"] == "exchanging"
     # A second sweep finds nothing more to do.
+    assert sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS) == {}
+
+
+def test_sweep_closes_login_jobs_past_their_code_life(sessions: sessionmaker[Session]) -> None:
+    now = utc_now()
+    long_ago, recently = STALE_SECONDS + 60, STALE_SECONDS - 60
+    rows = [
+        ("login-lost", "running", long_ago),
+        ("login-never-ran", "queued", long_ago),
+        ("login-may-run", "retrying", recently),
+        ("login-done", "succeeded", long_ago),
+    ]
+    with sessions.begin() as session:
+        for job_id, status, expired_seconds_ago in rows:
+            session.add(
+                LoginJob(
+                    job_id=job_id,
+                    appid="wxsweep000000001",
+                    status=status,
+                    created_at=now - timedelta(seconds=expired_seconds_ago + 300),
+                    code_expires_at=now - timedelta(seconds=expired_seconds_ago),
+                )
+            )
+
+    closed = sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS)
+
+    assert closed == {"login_worker_lost": 1, "login_code_expired": 1}
+    with sessions() as session:
+        states = {job.job_id: (job.status, job.error_code) for job in session.query(LoginJob)}
+    assert states == {
+        "login-lost": ("failed", "worker_lost"),
+        "login-never-ran": ("failed", "code_expired"),
+        "login-may-run": ("retrying", None),
+        "login-done": ("succeeded", None),
+    }
     assert sweep_stuck_jobs(sessions=sessions, stale_claim_seconds=STALE_SECONDS) == {}

@@ -147,7 +147,7 @@ def running_pipeline(
         sandbox.register_app(appid, secret)
     engine = make_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE users, phone_jobs, code_claims, key_checks"))
+        conn.execute(text("TRUNCATE users, phone_jobs, login_jobs, code_claims, key_checks"))
     all_settings: dict[str, Any] = {
         "database_url": database_url,
         "broker_url": broker_url,
@@ -176,6 +176,7 @@ def running_pipeline(
         yield pipeline
     finally:
         pipeline.stop_all()
+        pipeline.producer.close()
         celery.close()
         engine.dispose()
 
