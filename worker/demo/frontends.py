@@ -1,7 +1,7 @@
 """Simulated web front ends: threads that play users logging in and submitting phone codes.
 
 Each user does what a mini program's back end would: exchange a ``wx.login`` code through the
-``wxphone.login`` task and read its result for the openid, then submit the phone code the user's
+``wxphone.login`` job and wait for its end for the openid, then submit the phone code the user's
 tap produced with :meth:`worker.producer.Producer.submit_phone_code`. Codes come from the
 sandbox's admin API, as if WeChat had issued them; a few are made up and were never issued.
 Some users submit their code twice, at once (a double tap) or a little later (a page reload).
@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import requests
 from celery import Celery
@@ -31,7 +31,6 @@ __all__ = ["FrontEnds", "Submission"]
 
 #: How long a front end waits for a login result before giving up on that user.
 LOGIN_WAIT_SECONDS = 30.0
-LOGIN_POLL_SECONDS = 0.05
 #: How the demo's submissions are labelled in the exchange audit trail.
 CALLER = "wxphone-demo"
 
@@ -203,29 +202,18 @@ class FrontEnds:
             )
 
     def _login(self, appid: str, js_code: str) -> str | None:
-        """Submit ``wxphone.login`` and wait for its result; the openid, or None on failure."""
-        task_id = self.producer.submit_login(appid=appid, js_code=js_code, caller=CALLER)
-        result = self.celery_app.AsyncResult(task_id)
-        deadline = time.monotonic() + LOGIN_WAIT_SECONDS
-        while not self.stop_event.is_set():
-            state = result.state
-            if state == "SUCCESS":
-                value: Any = result.result
-                if isinstance(value, dict) and value.get("status") == "succeeded" and value.get("openid"):
-                    with self._lock:
-                        self._logins_succeeded += 1
-                    return str(value["openid"])
-                reason = value.get("error_code") if isinstance(value, dict) else None
-                self._login_failed(str(reason or "unexpected_result"))
-                return None
-            if state == "FAILURE":
-                self._login_failed("task_failed")
-                return None
-            if time.monotonic() >= deadline:
-                self._login_failed("timeout")
-                return None
-            time.sleep(LOGIN_POLL_SECONDS)
-        return None
+        """Submit a login job and wait for its end; the openid, or None on failure."""
+        job_id = self.producer.submit_login(appid=appid, js_code=js_code, caller=CALLER)
+        job = self.producer.wait_for_job(job_id, LOGIN_WAIT_SECONDS)
+        if job is None or not job.is_terminal:
+            self._login_failed("timeout")
+            return None
+        if job.status != "succeeded" or not job.openid:
+            self._login_failed(job.error_code or "unexpected_result")
+            return None
+        with self._lock:
+            self._logins_succeeded += 1
+        return job.openid
 
     def _login_failed(self, reason: str) -> None:
         with self._lock:

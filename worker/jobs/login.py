@@ -399,7 +399,7 @@ def _settle_job(sessions: sessionmaker[Session], task_id: str | None, outcome: L
     values: dict[str, object] = (
         {"status": PhoneJobStatus.FAILED.value, "error_code": outcome.error_code, "finished_at": func.now()}
         if outcome.status == "failed"
-        else {"status": PhoneJobStatus.RETRYING.value, "error_code": outcome.error_code}
+        else {"status": PhoneJobStatus.RETRYING.value}  # an error code is stored only at the end
     )
     with sessions.begin() as session:
         session.execute(
