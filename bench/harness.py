@@ -383,9 +383,8 @@ class Bench:
         dbs = [system.broker_db] + ([system.redis_db] if system.redis_db is not None else [])
         self.redis.flush(*dbs)
         with self.engine.begin() as connection:
-            connection.execute(
-                text("TRUNCATE users, phone_jobs, login_jobs, code_claims, key_checks, bench_jobs, bench_users")
-            )
+            tables = "users, phone_jobs, login_jobs, code_claims, key_checks, bench_jobs, bench_users"
+            connection.execute(text(f"TRUNCATE {tables}"))
 
     def _fetch_raw_token(self, system: System) -> str:
         """The raw ceiling's one token, fetched by the harness (counted like any other fetch)."""

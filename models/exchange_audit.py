@@ -13,7 +13,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, CheckConstraint, Identity, Index, Integer, String, event
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, run_sql, created_at_column, in_values_check
+from models.base import Base, created_at_column, in_values_check, run_sql
 
 __all__ = [
     "APPEND_ONLY_FUNCTION",
