@@ -190,9 +190,7 @@ class Producer:
         self.publish_timeout_seconds = publish_timeout_seconds
         self._publisher_lock = threading.Lock()
         self._publisher_pool: _Publisher | None = None
-        #: Wakes :meth:`wait_for_job` waiters when a job ends (one LISTEN connection per process,
-        #: opened by the first wait).
-        self.listener = listener or JobDoneListener(_listen_connector(_bound_engine(sessions)))
+        self._listener = listener
         self._loop_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _BatchedJobReads]
         self._loop_reads = weakref.WeakKeyDictionary()
 
@@ -301,9 +299,19 @@ class Producer:
             raise PublishError(f"job {job_id} could not be enqueued: {type(error).__name__}") from None
         return job_id
 
+    @property
+    def listener(self) -> JobDoneListener:
+        """Wakes :meth:`wait_for_job` waiters when a job ends: one LISTEN connection to the
+        sessions' database, opened by the first wait (built on first use)."""
+        with self._publisher_lock:
+            if self._listener is None:
+                self._listener = JobDoneListener(_listen_connector(_bound_engine(self.sessions)))
+            return self._listener
+
     def close(self) -> None:
         """Stop this producer's job-end listener (a process that ends need not call it)."""
-        self.listener.close()
+        if self._listener is not None:
+            self._listener.close()
 
     def _waited(self, job_id: str, wait_seconds: float) -> JobView:
         job = self.wait_for_job(job_id, wait_seconds)
