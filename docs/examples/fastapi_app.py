@@ -88,7 +88,6 @@ def create_app(
         return JSONResponse({"job_id": job.job_id, "status": job.status}, status_code=202)
 
     # --8<-- [end:answer]
-    # --8<-- [start:login]
     @app.post("/v1/login")
     async def login(body: LoginRequest) -> JSONResponse:
         if body.appid not in appids:
@@ -109,7 +108,6 @@ def create_app(
         session = sessions.dumps([job.appid, job.openid])
         return JSONResponse({"session": session, "openid": job.openid, "unionid": job.unionid})
 
-    # --8<-- [end:login]
     # --8<-- [start:phone]
     @app.post("/v1/phone")
     async def submit_phone(

@@ -86,7 +86,9 @@ def create_app(
         if not isinstance(body, dict) or body.get("appid") not in appids:
             return error(400, "invalid_input", "send the appid of a mini program served here and a js_code")
         try:
-            job_id = producer.submit_login(appid=body["appid"], js_code=body.get("js_code"), caller=CALLER)
+            job_id = producer.submit_login(
+                appid=body["appid"], js_code=body.get("js_code", ""), caller=CALLER
+            )
         except InvalidInputError:
             return error(400, "invalid_input", "js_code must be the code wx.login returned")
         except (PublishError, TimeoutError):
@@ -116,7 +118,7 @@ def create_app(
         try:
             # Records the job, queues it, then waits (this thread) until it ends or the wait is over.
             job = producer.submit_phone_code(
-                appid=appid, openid=openid, code=body.get("code"), caller=CALLER, wait_seconds=wait
+                appid=appid, openid=openid, code=body.get("code", ""), caller=CALLER, wait_seconds=wait
             )
         except InvalidInputError:
             return error(400, "invalid_input", "code must be the code getPhoneNumber returned")
