@@ -84,7 +84,8 @@ def create_app(
             }
             return JSONResponse({"job_id": job.job_id, "status": "succeeded", "phone": phone})
         if job.status == "failed":
-            return JSONResponse(failed(job), status_code=422)
+            reply, status = failed(job)
+            return JSONResponse(reply, status_code=status)
         return JSONResponse({"job_id": job.job_id, "status": job.status}, status_code=202)
 
     # --8<-- [end:answer]
@@ -98,13 +99,14 @@ def create_app(
             )
         except InvalidInputError:
             return error(400, "invalid_input", "js_code must be the code wx.login returned")
-        except (PublishError, TimeoutError):
+        except PublishError:  # the broker refused the job or timed out; it is recorded failed
             return error(503, "enqueue_failed", "the login could not be queued; call wx.login again")
         job = await producer.wait_for_job_async(job_id, LOGIN_WAIT_SECONDS)
         if job is None or not job.is_terminal:
             return error(503, "login_pending", "the login is taking too long; call wx.login again")
         if job.status != "succeeded" or job.openid is None:
-            return JSONResponse(failed(job), status_code=422)
+            reply, status = failed(job)
+            return JSONResponse(reply, status_code=status)
         session = sessions.dumps([job.appid, job.openid])
         return JSONResponse({"session": session, "openid": job.openid, "unionid": job.unionid})
 
@@ -115,7 +117,7 @@ def create_app(
     ) -> JSONResponse:
         user = session_user(authorization)
         if user is None:
-            return error(401, "invalid_session", "log in again")
+            return error(401, "unauthorized", "log in again")
         appid, openid = user
         try:
             # Record and queue the job in the thread pool (blocking I/O), then wait without a thread.
@@ -124,7 +126,7 @@ def create_app(
             )
         except InvalidInputError:
             return error(400, "invalid_input", "code must be the code getPhoneNumber returned")
-        except (PublishError, TimeoutError):
+        except PublishError:  # the broker refused the job or timed out; it is recorded failed
             return error(503, "enqueue_failed", "the code could not be queued; tap the button again")
         job = await producer.wait_for_job_async(job_id, min(body.wait_seconds, max_wait_seconds))
         if job is None:  # never for a job just recorded; a type checker cannot know that
@@ -139,7 +141,7 @@ def create_app(
     ) -> JSONResponse:
         user = session_user(authorization)
         if user is None:
-            return error(401, "invalid_session", "log in again")
+            return error(401, "unauthorized", "log in again")
         job = await run_in_threadpool(producer.get_job, job_id)
         # Another user's job reads as no job at all.
         if job is None or job.kind != "phone" or (job.appid, job.openid) != user:
@@ -156,12 +158,15 @@ def error(status: int, error_code: str, message: str) -> JSONResponse:
     return JSONResponse({"error_code": error_code, "message": message}, status_code=status)
 
 
-#: What a failed job means for the user (docs/integration.md, "Statuses and error codes").
+#: Failed jobs whose code (or user) WeChat refused: only a new code can succeed.
+REFUSED = {"invalid_code", "high_risk_user", "code_reused", "watermark_mismatch"}
+#: Failed jobs the user can fix with a new tap (docs/integration.md, "Statuses and error codes").
 TAP_AGAIN = {"invalid_code", "code_expired", "reply_lost", "worker_lost", "too_many_attempts"}
 
 
-def failed(job: JobView) -> dict[str, Any]:
-    """The reply for a failed job: its error code and a message for the user."""
+def failed(job: JobView) -> tuple[dict[str, Any], int]:
+    """A failed job's answer, as wxphone api gives it: 422 when WeChat refused the code, 400 for
+    input refused, 503 when the service could not get WeChat's answer."""
     if job.error_code in TAP_AGAIN:
         message = "the verification did not go through; try again"
     elif job.error_code in {"upstream_unavailable", "enqueue_failed"}:
@@ -170,7 +175,13 @@ def failed(job: JobView) -> dict[str, Any]:
         message = "WeChat refused this login"
     else:
         message = "verification is not available right now"
-    return {"job_id": job.job_id, "status": "failed", "error_code": job.error_code, "message": message}
+    if job.error_code in REFUSED:
+        status = 422
+    elif job.error_code in {"invalid_input", "app_not_configured"}:
+        status = 400
+    else:
+        status = 503
+    return {"job_id": job.job_id, "error_code": job.error_code, "message": message}, status
 
 
 def from_environment() -> FastAPI:

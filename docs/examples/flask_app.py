@@ -75,7 +75,7 @@ def create_app(
             }
             return {"job_id": job.job_id, "status": "succeeded", "phone": phone}, 200
         if job.status == "failed":
-            return failed(job), 422
+            return failed(job)
         return {"job_id": job.job_id, "status": job.status}, 202
 
     # --8<-- [end:answer]
@@ -91,13 +91,13 @@ def create_app(
             )
         except InvalidInputError:
             return error(400, "invalid_input", "js_code must be the code wx.login returned")
-        except (PublishError, TimeoutError):
+        except PublishError:  # the broker refused the job or timed out; it is recorded failed
             return error(503, "enqueue_failed", "the login could not be queued; call wx.login again")
         job = producer.wait_for_job(job_id, LOGIN_WAIT_SECONDS)
         if job is None or not job.is_terminal:
             return error(503, "login_pending", "the login is taking too long; call wx.login again")
         if job.status != "succeeded" or job.openid is None:
-            return failed(job), 422
+            return failed(job)
         session = sessions.dumps([job.appid, job.openid])
         return {"session": session, "openid": job.openid, "unionid": job.unionid}, 200
 
@@ -107,7 +107,7 @@ def create_app(
     def submit_phone() -> Reply:
         user = session_user()
         if user is None:
-            return error(401, "invalid_session", "log in again")
+            return error(401, "unauthorized", "log in again")
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             return error(400, "invalid_input", "send {code, wait_seconds}")
@@ -122,7 +122,7 @@ def create_app(
             )
         except InvalidInputError:
             return error(400, "invalid_input", "code must be the code getPhoneNumber returned")
-        except (PublishError, TimeoutError):
+        except PublishError:  # the broker refused the job or timed out; it is recorded failed
             return error(503, "enqueue_failed", "the code could not be queued; tap the button again")
         return answer(job)
 
@@ -130,7 +130,7 @@ def create_app(
     def phone_job(job_id: str) -> Reply:
         user = session_user()
         if user is None:
-            return error(401, "invalid_session", "log in again")
+            return error(401, "unauthorized", "log in again")
         wait = wait_seconds(request.args.get("wait_seconds", "0"), max_wait_seconds)
         if wait is None:
             return error(400, "invalid_input", "wait_seconds must be a number of seconds")
@@ -164,12 +164,16 @@ def error(status: int, error_code: str, message: str) -> Reply:
     return {"error_code": error_code, "message": message}, status
 
 
-#: What a failed job means for the user (docs/integration.md, "Statuses and error codes").
+# --8<-- [start:failed]
+#: Failed jobs whose code (or user) WeChat refused: only a new code can succeed.
+REFUSED = {"invalid_code", "high_risk_user", "code_reused", "watermark_mismatch"}
+#: Failed jobs the user can fix with a new tap (docs/integration.md, "Statuses and error codes").
 TAP_AGAIN = {"invalid_code", "code_expired", "reply_lost", "worker_lost", "too_many_attempts"}
 
 
-def failed(job: JobView) -> dict[str, Any]:
-    """The reply for a failed job: its error code and a message for the user."""
+def failed(job: JobView) -> tuple[dict[str, Any], int]:
+    """A failed job's answer, as wxphone api gives it: 422 when WeChat refused the code, 400 for
+    input refused, 503 when the service could not get WeChat's answer."""
     if job.error_code in TAP_AGAIN:
         message = "the verification did not go through; try again"
     elif job.error_code in {"upstream_unavailable", "enqueue_failed"}:
@@ -178,9 +182,16 @@ def failed(job: JobView) -> dict[str, Any]:
         message = "WeChat refused this login"
     else:
         message = "verification is not available right now"
-    return {"job_id": job.job_id, "status": "failed", "error_code": job.error_code, "message": message}
+    if job.error_code in REFUSED:
+        status = 422
+    elif job.error_code in {"invalid_input", "app_not_configured"}:
+        status = 400
+    else:
+        status = 503
+    return {"job_id": job.job_id, "error_code": job.error_code, "message": message}, status
 
 
+# --8<-- [end:failed]
 def from_environment() -> Flask:
     """The app on the process's wxphone settings, for ``flask --app 'flask_app:from_environment()'``."""
     from worker.runtime import get_runtime
