@@ -83,12 +83,13 @@ def create_app(
     @app.post("/v1/login")
     def login() -> Reply:
         body = request.get_json(silent=True)
-        if not isinstance(body, dict) or body.get("appid") not in appids:
+        if not isinstance(body, dict):
+            return error(400, "invalid_input", "send {appid, js_code}")
+        appid = body.get("appid")
+        if not isinstance(appid, str) or appid not in appids:
             return error(400, "invalid_input", "send the appid of a mini program served here and a js_code")
         try:
-            job_id = producer.submit_login(
-                appid=body["appid"], js_code=body.get("js_code", ""), caller=CALLER
-            )
+            job_id = producer.submit_login(appid=appid, js_code=body.get("js_code", ""), caller=CALLER)
         except InvalidInputError:
             return error(400, "invalid_input", "js_code must be the code wx.login returned")
         except PublishError:  # the broker refused the job or timed out; it is recorded failed
@@ -148,16 +149,15 @@ def create_app(
 
 def wait_seconds(value: object, limit: float) -> float | None:
     """The wait a client asked for, at most ``limit``; None unless it is a number of seconds >= 0."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         return None
-    if not math.isfinite(value) or value < 0:
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
         return None
-    return min(float(value), limit)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, limit)
 
 
 def error(status: int, error_code: str, message: str) -> Reply:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -30,6 +31,8 @@ from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from tests.support.pipeline import Pipeline, endpoint_counts
+from tests.support.processes import ManagedProcess
+from tests.support.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "docs" / "examples"
@@ -334,6 +337,40 @@ def test_fastapi_keeps_many_waiting_requests_on_one_event_loop(pipeline: Pipelin
         assert reply.json()["phone"] == {"masked": f"{number[:3]}****{number[-4:]}", "country_code": "86"}
         assert number not in reply.text
     assert waiting_at_once >= users // 2, waiting_at_once
+
+
+#: How each example's docstring says to serve it (from docs/examples), and what it prints when it
+#: is ready.
+SERVE_COMMANDS = {
+    "flask": (["flask", "--app", "flask_app:from_environment()", "run", "--port", "{port}"], "Running on"),
+    "fastapi": (["uvicorn", "--factory", "fastapi_app:from_environment", "--port", "{port}"], "running on"),
+}
+
+
+@pytest.mark.parametrize("framework", sorted(SERVE_COMMANDS))
+def test_each_example_serves_as_its_docstring_says(pipeline: Pipeline, framework: str) -> None:
+    """``from_environment`` builds the app from wxphone's settings (the process's own producer)."""
+    pipeline.start_worker(concurrency=1)
+    command, ready = SERVE_COMMANDS[framework]
+    port = free_port()
+    program = Path(sys.executable).parent / command[0]
+    env = {**pipeline.env, "EXAMPLE_APPIDS": APPID, "EXAMPLE_SECRET_KEY": SECRET_KEY}
+    args = [str(program), *(arg.format(port=port) for arg in command[1:])]
+    server = ManagedProcess(framework, args, env, pipeline.log_dir / f"{framework}.log", cwd=EXAMPLES_DIR)
+    pipeline.processes.append(server.start())
+    server.wait_for_output(ready, timeout_seconds=30)
+
+    js_code, openid = pipeline.sandbox.mint_login_code(APPID)
+    code = mint_phone(pipeline, "13600006666")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        login = client.post("/v1/login", json={"appid": APPID, "js_code": js_code})
+        assert login.status_code == 200, login.text
+        assert login.json()["openid"] == openid
+        headers = {"Authorization": f"Bearer {login.json()['session']}"}
+        reply = client.post("/v1/phone", json={"code": code, "wait_seconds": 10}, headers=headers)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["phone"] == {"masked": "136****6666", "country_code": "86"}
+    assert_nothing_secret([login.text, reply.text, server.output()], "13600006666", code, js_code)
 
 
 # -- the mini-program page, in Node.js ----------------------------------------------------------
