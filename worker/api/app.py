@@ -160,7 +160,7 @@ def create_app(
         max_body_bytes=MAX_BODY_BYTES,
         error_body=_error_body(PayloadTooLargeError()),
     )
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, fixed_paths=frozenset({app.openapi_url or "/openapi.json"}))
     _install_error_handlers(app)
 
     bearer = HTTPBearer(
@@ -446,7 +446,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         api_class = _HTTP_STATUS_ERRORS.get(error.status_code)
-        answer = api_class() if api_class is not None else ApiError()
+        if error.status_code == 404:
+            answer: ApiError = NotFoundError("no such path")  # the router's: no route serves it
+        else:
+            answer = api_class() if api_class is not None else ApiError()
         response = _error_response(answer)
         if api_class is None:
             response.status_code = error.status_code

@@ -84,8 +84,11 @@ class BodyLimitMiddleware:
 class AccessLogMiddleware:
     """One INFO line per request: method, route template, status and duration."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, fixed_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
+        #: Paths without parameters that routes outside FastAPI's own (the schema) serve: logged
+        #: as they are, since the route object is not in the scope for them.
+        self.fixed_paths = fixed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,18 +109,21 @@ class AccessLogMiddleware:
             _access_log.info(
                 "%s %s %d %.0fms",
                 scope.get("method", "?"),
-                _route_template(scope),
+                _route_template(scope, self.fixed_paths),
                 status,
                 (time.monotonic() - started) * 1000,
             )
 
 
-def _route_template(scope: Scope) -> str:
+def _route_template(scope: Scope, fixed_paths: frozenset[str]) -> str:
     """The matched route's path template; ``(unmatched)`` for a path no route serves (the path
     itself could be anything a client sent, a capability included)."""
     route: Any = scope.get("route")
     template = getattr(route, "path", None)
-    return template if isinstance(template, str) else "(unmatched)"
+    if isinstance(template, str):
+        return template
+    path = scope.get("path")
+    return path if path in fixed_paths else "(unmatched)"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
