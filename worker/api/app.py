@@ -250,10 +250,15 @@ def create_app(
     @app.post(
         "/v1/login",
         summary="Log in with a wx.login code",
+        operation_id="login",
         response_model=None,
         responses={
             200: {"model": LoginBody, "description": "Logged in"},
-            202: {"model": PendingJobBody, "description": "Not finished yet: GET /v1/login/{job_id}"},
+            202: {
+                "model": PendingJobBody,
+                "description": "Not finished yet: GET /v1/login/{job_id}",
+                "links": {"LoginJob": _job_link("login_job")},
+            },
             422: {"model": ErrorBody, "description": "WeChat refused the code: call wx.login again"},
             **_ERROR_RESPONSES,
         },
@@ -274,6 +279,7 @@ def create_app(
     @app.get(
         "/v1/login/{job_id}",
         summary="The session of a login that answered 202",
+        operation_id="login_job",
         response_model=None,
         responses={
             200: {"model": LoginBody, "description": "Logged in"},
@@ -307,12 +313,25 @@ def create_app(
     @app.post(
         "/v1/phone",
         summary="Exchange a phone-number code",
+        operation_id="submit_phone_code",
         response_model=None,
         responses={
-            200: {"model": PhoneBody, "description": "The owner's verified number, masked"},
-            202: {"model": PendingJobBody, "description": "Not finished yet: GET /v1/phone/{job_id}"},
+            200: {
+                "model": PhoneBody,
+                "description": "The owner's verified number, masked",
+                "links": {"PhoneJob": _job_link("phone_job")},
+            },
+            202: {
+                "model": PendingJobBody,
+                "description": "Not finished yet: GET /v1/phone/{job_id}",
+                "links": {"PhoneJob": _job_link("phone_job")},
+            },
             400: {"model": ErrorBody, "description": "Malformed request (nothing was enqueued)"},
-            422: {"model": JobErrorBody, "description": "WeChat refused the code: get a new one"},
+            422: {
+                "model": JobErrorBody,
+                "description": "WeChat refused the code: get a new one",
+                "links": {"PhoneJob": _job_link("phone_job")},
+            },
             503: {"model": JobErrorBody, "description": "Not exchanged, or a dependency is unreachable"},
             **{key: value for key, value in _ERROR_RESPONSES.items() if key not in (400, 503)},
             **_SESSION_RESPONSES,
@@ -336,6 +355,7 @@ def create_app(
     @app.get(
         "/v1/phone/{job_id}",
         summary="A phone job of this session's user",
+        operation_id="phone_job",
         response_model=None,
         responses={
             200: {"model": PhoneBody, "description": "The owner's verified number, masked"},
@@ -359,6 +379,7 @@ def create_app(
     @app.get(
         "/healthz",
         summary="Are the broker, Redis and the database reachable?",
+        operation_id="healthz",
         response_model=None,
         responses={
             200: {"model": HealthBody, "description": "All reachable"},
@@ -373,6 +394,11 @@ def create_app(
         return _json(body, 200 if report.healthy else 503)
 
     return app
+
+
+def _job_link(operation_id: str) -> dict[str, Any]:
+    """An OpenAPI link: the ``job_id`` of this response is the path parameter of that operation."""
+    return {"operationId": operation_id, "parameters": {"job_id": "$response.body#/job_id"}}
 
 
 async def _submitted(submit: Callable[[], str]) -> str:
