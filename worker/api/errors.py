@@ -33,7 +33,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from worker.errors import RequestRejectedError, WxphoneError
+from worker.errors import (
+    OperatorActionRequiredError,
+    RequestRejectedError,
+    RetryLaterError,
+    TokenInvalidError,
+    WxphoneError,
+)
 from worker.jobs.phone import (
     CODE_REUSED_ERROR_CODE,
     DATABASE_REJECTED_ERROR_CODE,
@@ -234,6 +240,11 @@ STORED_ONLY_ERROR_CODES: dict[str, type[JobFailedError]] = {
 #: their reaction (:mod:`worker.errors`). A test checks every subclass of WxphoneError: its error
 #: code is here, answered as its own class would be.
 JOB_ERROR_CLASSES: tuple[type[WxphoneError], ...] = (
+    WxphoneError,  # internal_error: what an error of no known class is stored as
+    RetryLaterError,
+    TokenInvalidError,
+    RequestRejectedError,
+    OperatorActionRequiredError,
     InvalidInputError,
     AppNotConfiguredInputError,
     WeChatInvalidCodeError,
