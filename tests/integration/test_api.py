@@ -3,8 +3,11 @@ WeChat sandbox: login and phone flows, waits, sessions, ownership, rate limits, 
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from tests.support.api import (
     start_api,
 )
 from tests.support.pipeline import Pipeline
-from tests.support.services import RedisServer, create_database, drop_database
+from tests.support.processes import WXPHONE, base_environment
+from tests.support.services import RedisServer, create_database, drop_database, free_port
 from worker.api.sessions import SessionSigner
 
 APPID = "wxpipeline000001"
@@ -444,3 +448,31 @@ def test_healthz_names_the_unreachable_dependency(pipeline: Pipeline, tmp_path: 
         token_store.stop()
         broker.stop()
         drop_database(database_url)
+
+
+@pytest.mark.parametrize(
+    ("session_key", "named"),
+    [(None, "WXPHONE_API_SESSION_KEY must be set"), ("changeme-changeme-changeme-changeme", "placeholder")],
+)
+def test_wxphone_api_refuses_to_start_off_loopback_without_a_session_key_of_its_own(
+    session_key: str | None, named: str
+) -> None:
+    env = base_environment(
+        wechat_api_base="https://api.weixin.qq.com",
+        encryption_keys="v1:" + base64.b64encode(os.urandom(32)).decode(),
+        blind_index_key="blind-index-key-0123456789abcdef",
+        api_session_key=session_key,
+    )
+    run = subprocess.run(
+        [*WXPHONE, "api", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "WXPHONE_API_SESSION_KEY" in run.stderr and named in run.stderr
+    assert "Uvicorn running" not in run.stdout + run.stderr
+    if session_key:
+        assert session_key not in run.stderr
