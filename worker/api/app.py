@@ -61,6 +61,7 @@ from worker.api.models import (
     LoginRequest,
     MaskedPhone,
     PendingJobBody,
+    PendingStatus,
     PhoneBody,
     PhoneRequestBase,
     phone_request_model,
@@ -413,9 +414,13 @@ async def _submitted(submit: Callable[[], str]) -> str:
         raise ServiceUnavailableError() from None
 
 
-def _pending(status: str) -> Any:
+def _pending(status: str) -> PendingStatus:
     """A job status that is not terminal, as the 202 body states it."""
-    return status if status in ("queued", "running", "retrying") else "queued"
+    if status == "running":
+        return "running"
+    if status == "retrying":
+        return "retrying"
+    return "queued"
 
 
 def _age_seconds(job: JobView, clock: Callable[[], float]) -> float:

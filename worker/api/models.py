@@ -25,6 +25,7 @@ __all__ = [
     "LoginRequest",
     "MaskedPhone",
     "PendingJobBody",
+    "PendingStatus",
     "PhoneBody",
     "phone_request_model",
 ]
