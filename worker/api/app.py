@@ -69,7 +69,7 @@ from worker.api.models import (
 from worker.api.ratelimit import SessionRateLimiter
 from worker.api.sessions import ApiSession, InvalidSessionError, SessionSigner
 from worker.jobs.validation import InvalidInputError
-from worker.producer import JobView, Producer, PublishError
+from worker.producer import LOGIN_KIND, PHONE_KIND, JobView, Producer, PublishError
 from worker.settings import Settings
 
 __all__ = ["API_CALLER", "MAX_BODY_BYTES", "create_app"]
@@ -80,8 +80,6 @@ log = logging.getLogger(__name__)
 API_CALLER = "wxphone-api"
 #: No valid request body comes near this (a code is at most 128 characters).
 MAX_BODY_BYTES = 4096
-PHONE_KIND = "phone"
-LOGIN_KIND = "login"
 SUCCEEDED: Final = "succeeded"
 FAILED: Final = "failed"
 #: Redis keys of login jobs whose session was handed out by ``GET /v1/login/{job_id}``, named by a
