@@ -8,12 +8,13 @@ environment or that file: they take a :class:`Settings` (usually from :func:`get
 plain values it holds.
 
 Development keys (:data:`DEVELOPMENT_ENCRYPTION_KEYS`, :data:`DEVELOPMENT_BLIND_INDEX_KEY`,
-:data:`DEVELOPMENT_FINGERPRINT_KEY`) are public and protect nothing. They, and placeholder
-secrets, are allowed only when ``WXPHONE_WECHAT_API_BASE`` is on loopback (the sandbox:
-127.0.0.0/8, ::1, localhost) or ``WXPHONE_DEVELOPMENT_MODE`` is on; a development key in use is
-announced once at WARNING. Any other base may be the real WeChat (one of its domains, a gateway,
-a proxy): placeholder secrets are refused when the settings load, and a process that reads or
-writes personal data refuses to start without its own keys (:meth:`Settings.require_production_secrets`).
+:data:`DEVELOPMENT_FINGERPRINT_KEY`, :data:`DEVELOPMENT_API_SESSION_KEY`) are public and protect
+nothing. They, and placeholder secrets, are allowed only when ``WXPHONE_WECHAT_API_BASE`` is on
+loopback (the sandbox: 127.0.0.0/8, ::1, localhost) or ``WXPHONE_DEVELOPMENT_MODE`` is on; a
+development key in use is announced once at WARNING. Any other base may be the real WeChat (one
+of its domains, a gateway, a proxy): placeholder secrets are refused when the settings load, and a
+process that reads or writes personal data refuses to start without its own keys
+(:meth:`Settings.require_production_secrets`).
 See ``docs/security.md``.
 """
 
@@ -70,6 +71,10 @@ DEVELOPMENT_ENCRYPTION_KEY_VERSION = "dev"
 DEVELOPMENT_ENCRYPTION_KEYS = "dev:d3hwaG9uZS1kZXZlbG9wbWVudC1rZXktbm90LXNlY3I="
 DEVELOPMENT_BLIND_INDEX_KEY = "wxphone-development-blind-index-key"
 DEVELOPMENT_FINGERPRINT_KEY = "wxphone-development-fingerprint-key"
+#: Signs the sessions of ``wxphone api`` when ``WXPHONE_API_SESSION_KEY`` is unset (same rule).
+DEVELOPMENT_API_SESSION_KEY = "wxphone-development-api-session-key"
+#: An API session key shorter than this is refused: it is an HMAC key that must not be guessable.
+MIN_API_SESSION_KEY_LENGTH = 32
 
 #: Values that are never real secrets (compared case-insensitively, surrounding blanks ignored).
 PLACEHOLDER_SECRETS = frozenset(
@@ -98,6 +103,7 @@ PLACEHOLDER_SECRETS = frozenset(
         DEVELOPMENT_BLIND_INDEX_KEY,
         DEVELOPMENT_FINGERPRINT_KEY,
         DEVELOPMENT_ENCRYPTION_KEYS,
+        DEVELOPMENT_API_SESSION_KEY,
     }
 )
 # "xxx", "****", "<your secret>", "${SECRET}", "demo-...", "dev-...", "...development...".
@@ -418,6 +424,18 @@ class Settings(BaseSettings):
     #: Optional ``KEY=VALUE`` file of secrets (mode 600, owned by the current user).
     secrets_file: str | None = None
 
+    # The reference HTTP front end (``wxphone api``, docs/security.md "The HTTP API").
+    #: The HMAC key that signs its sessions (at least 32 characters; same rule as the keys above).
+    api_session_key: str = Field(default="", repr=False)
+    #: How long a session lives from its login; the mini program logs in again after it.
+    api_session_ttl_seconds: float = Field(default=7200.0, gt=0, le=30 * 86400)
+    #: How long ``POST /v1/login`` waits for its login job before answering 202 with the job id.
+    api_login_wait_seconds: float = Field(default=10.0, ge=0, le=60)
+    #: The longest ``wait_seconds`` a phone request may ask for (a code dies 300 s after issue).
+    api_max_wait_seconds: float = Field(default=30.0, ge=0, le=120)
+    #: Requests one session may make per minute (a fixed window, counted fleet-wide in Redis).
+    api_rate_limit_per_minute: int = Field(default=60, ge=1)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -455,6 +473,13 @@ class Settings(BaseSettings):
     def _check_blind_index_key(cls, value: str) -> str:
         if value and len(value) < 16:
             raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("api_session_key")
+    @classmethod
+    def _check_api_session_key(cls, value: str) -> str:
+        if value and len(value) < MIN_API_SESSION_KEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_API_SESSION_KEY_LENGTH} characters")
         return value
 
     @field_validator("apps", mode="before")
@@ -539,6 +564,8 @@ class Settings(BaseSettings):
             raise ValueError(f"WXPHONE_FINGERPRINT_KEY is a placeholder or development key ({why})")
         if "blind_index_key" in explicit and is_placeholder_secret(self.blind_index_key):
             raise ValueError(f"WXPHONE_BLIND_INDEX_KEY is a placeholder or development key ({why})")
+        if "api_session_key" in explicit and is_placeholder_secret(self.api_session_key):
+            raise ValueError(f"WXPHONE_API_SESSION_KEY is a placeholder or development key ({why})")
         development = {key.key for key in parse_encryption_keys(DEVELOPMENT_ENCRYPTION_KEYS)}
         for key in self.encryption_keys:
             if key.key in development or len(set(key.key)) <= 2:
@@ -573,24 +600,29 @@ class Settings(BaseSettings):
                 "users' data (see docs/security.md)",
             )
 
-    def require_production_secrets(self, *, fingerprint_key: bool = True) -> None:
+    def require_production_secrets(
+        self, *, fingerprint_key: bool = True, api_session_key: bool = False
+    ) -> None:
         """Raise :class:`SettingsError` naming the missing variables when development keys are
         not allowed (:attr:`uses_real_wechat`) and this process has no keys of its own.
 
         Called at start-up by every process that reads or writes personal data (workers, front
         ends' producers, the operator commands), whether or not it serves apps. Only workers
-        fingerprint codes: front ends pass ``fingerprint_key=False``.
+        fingerprint codes: front ends pass ``fingerprint_key=False``. Only ``wxphone api`` signs
+        sessions: it passes ``api_session_key=True``.
         """
         if not self.uses_real_wechat:
             return
-        missing = self.unset_key_variables(fingerprint_key=fingerprint_key)
+        missing = self.unset_key_variables(fingerprint_key=fingerprint_key, api_session_key=api_session_key)
         if missing:
             raise SettingsError(
                 f"{', '.join(missing)} must be set: {_REAL_DATA_REASON}, so the public development "
                 "keys may not protect the data (see docs/security.md)"
             )
 
-    def unset_key_variables(self, *, fingerprint_key: bool = True) -> list[str]:
+    def unset_key_variables(
+        self, *, fingerprint_key: bool = True, api_session_key: bool = False
+    ) -> list[str]:
         """The key variables this process has no value for (development keys would stand in)."""
         return [
             name
@@ -601,6 +633,7 @@ class Settings(BaseSettings):
                     "WXPHONE_FINGERPRINT_KEY",
                     fingerprint_key and "fingerprint_key" not in self.model_fields_set,
                 ),
+                ("WXPHONE_API_SESSION_KEY", api_session_key and not self.api_session_key),
             )
             if unset
         ]
@@ -640,6 +673,15 @@ class Settings(BaseSettings):
         _warn_development_key("WXPHONE_FINGERPRINT_KEY")
         return DEVELOPMENT_FINGERPRINT_KEY
 
+    def field_api_session_key(self) -> str:
+        """The HMAC key of ``wxphone api``'s sessions (development key as for encryption)."""
+        if self.api_session_key:
+            return self.api_session_key
+        self.require_production_secrets(fingerprint_key=False, api_session_key=True)
+        self.warn_if_development_mode()
+        _warn_development_key("WXPHONE_API_SESSION_KEY")
+        return DEVELOPMENT_API_SESSION_KEY
+
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
         # Each rule names the variables to change; the values themselves are not secret.
@@ -670,6 +712,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "WXPHONE_VISIBILITY_TIMEOUT_SECONDS must be below WXPHONE_CODE_LIFETIME_SECONDS: a dead "
                 "worker's messages come back only after it, and a code dies with its life"
+            )
+        if self.api_max_wait_seconds >= self.code_lifetime_seconds:
+            raise ValueError(
+                "WXPHONE_API_MAX_WAIT_SECONDS must be below WXPHONE_CODE_LIFETIME_SECONDS: no phone job "
+                "runs longer than its code lives"
             )
         return self
 
@@ -724,7 +771,7 @@ class Settings(BaseSettings):
 
 #: Settings whose value is a secret: ``config show`` says only whether each is set.
 SECRET_SETTINGS = frozenset(
-    {"apps", "encryption_keys", "blind_index_key", "fingerprint_key", "wechat_proxy_url"}
+    {"apps", "encryption_keys", "blind_index_key", "fingerprint_key", "wechat_proxy_url", "api_session_key"}
 )
 #: Settings holding a URL whose password must not be shown.
 URL_SETTINGS = frozenset({"database_url", "broker_url", "redis_url"})

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from worker.cli.api import api_command
 from worker.cli.config import config_group
 from worker.cli.db import db_group
 from worker.cli.demo import demo_command
@@ -39,6 +40,7 @@ cli.add_command(config_group)
 cli.add_command(limits_group)
 cli.add_command(services_group)
 cli.add_command(demo_command)
+cli.add_command(api_command)
 
 
 def main() -> None:
