@@ -103,6 +103,9 @@ def test_the_demo_runs_every_job_to_the_expected_end_and_leaves_nothing_running(
         assert summary["errcode_40001"] <= summary["token_rejections"]
         assert all(count >= 1 for count in summary["token_fetches"].values())
         assert summary["logins_succeeded"] == summary["users"]
+        # The front ends went through wxphone api: every submission got an HTTP answer.
+        assert sum(summary["api_answers"].values()) == summary["jobs_submitted"]
+        assert summary["api_answers"].get("succeeded", 0) >= 1
         assert summary["jobs_per_second"] > 0
 
         assert "Users and their latest phone job" in output
@@ -111,7 +114,7 @@ def test_the_demo_runs_every_job_to_the_expected_end_and_leaves_nothing_running(
         assert "demo-secret" not in output
 
         pids = {int(pid) for pid in re.findall(r"\bpid (\d+)", output)}
-        assert len(pids) == 3, output[-3000:]  # sandbox, worker, beat
+        assert len(pids) == 4, output[-3000:]  # sandbox, worker, beat, API
         assert not [pid for pid in pids if group_alive(pid)], "a process group of the demo survived"
         assert _processes_with_marker(demo_database) == [], "a process started by the demo survived"
     finally:

@@ -221,6 +221,9 @@ class Summary:
     checks: list[Check] = field(default_factory=list)
     #: The kinds of the faults that were injected (a short run may end before the last ones).
     faults_injected: list[str] = field(default_factory=list)
+    #: Phone submissions by the API's answer: ``succeeded``/``failed`` in the same request,
+    #: ``pending`` when the job was still running at the end of the request's wait (202).
+    api_answers: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -306,6 +309,7 @@ def summarise(
     sandbox_stats: Mapping[str, Any],
     appids: Sequence[str],
     faults_injected: Sequence[str] = (),
+    api_answers: Mapping[str, int] | None = None,
 ) -> Summary:
     """Figures and checks of one run, from the stored jobs and the sandbox's counters."""
     stored = [jobs[each.job_id] for each in submissions if each.job_id in jobs]
@@ -354,6 +358,7 @@ def summarise(
         logins_succeeded=logins_succeeded,
         login_failures=dict(login_failures),
         front_end_errors=dict(front_end_errors),
+        api_answers=dict(api_answers or {}),
         token_fetches={
             appid: int(per_app.get(appid, {}).get(API_CLASSIC_TOKEN, {}).get("tokens_issued", 0))
             for appid in appids
@@ -398,6 +403,7 @@ def render_summary(summary: Summary, *, token_lifetime_seconds: float) -> list[s
         ),
         ("retried", f"{summary.jobs_retried} jobs needed more than one attempt"),
         ("logins", f"{summary.logins_succeeded} wxphone.login jobs succeeded ({summary.users} users)"),
+        ("HTTP answers", _api_answers(summary.api_answers)),
         (
             "token fetches",
             f"{tokens} (classic tokens live {token_lifetime_seconds:.0f} s; beat renews them at half-life)",
@@ -424,3 +430,13 @@ def render_summary(summary: Summary, *, token_lifetime_seconds: float) -> list[s
     lines.append("Checks:")
     lines += [f"  {'ok  ' if check.ok else 'FAIL'}  {check.description}" for check in summary.checks]
     return lines
+
+
+def _api_answers(answers: Mapping[str, int]) -> str:
+    """``POST /v1/phone``'s answers: how many ended within their request."""
+    in_request = answers.get("succeeded", 0) + answers.get("failed", 0)
+    return (
+        f"{in_request} phone submissions answered in the same request "
+        f"({answers.get('succeeded', 0)} with the masked number), "
+        f"{answers.get('pending', 0)} answered 202 and followed up"
+    )

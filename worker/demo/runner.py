@@ -94,6 +94,7 @@ WORKER_CONCURRENCY = 4
 #: Start-up bounds.
 SANDBOX_START_SECONDS = 20.0
 WORKER_START_SECONDS = 60.0
+API_START_SECONDS = 30.0
 PROGRESS_INTERVAL_SECONDS = 0.2
 PLAIN_PROGRESS_EVERY_SECONDS = 2.0
 BAR_WIDTH = 30
@@ -282,19 +283,24 @@ def _child_settings(backing: Backing, sandbox_url: str) -> dict[str, str]:
 
 
 _LISTENING = re.compile(r"listening on (http://\S+)")
+_API_LISTENING = re.compile(r"Uvicorn running on (http://\S+)")
+#: Settings the API process does not get: a front end holds no AppSecret and fingerprints nothing.
+_WORKER_ONLY_SETTINGS = ("apps", "fingerprint_key")
 
 
 @dataclass
 class Processes:
-    """The demo's sandbox, worker and beat."""
+    """The demo's sandbox, worker, beat and HTTP API."""
 
     sandbox: DemoProcess
     worker: DemoProcess
     beat: DemoProcess
+    api: DemoProcess
     sandbox_url: str
+    api_url: str
 
     def all(self) -> list[DemoProcess]:
-        return [self.sandbox, self.worker, self.beat]
+        return [self.sandbox, self.worker, self.beat, self.api]
 
     def check_alive(self) -> None:
         for process in self.all():
@@ -310,7 +316,7 @@ def start_processes(
     *,
     while_sandbox_starts: Callable[[], None],
 ) -> Processes:
-    """Start sandbox, worker and beat; each is stopped when ``stack`` closes.
+    """Start sandbox, worker, beat and ``wxphone api``; each is stopped when ``stack`` closes.
 
     ``while_sandbox_starts`` runs while the sandbox boots (the worker starts after it: it needs
     the sandbox's address and a migrated database). The processes run in the demo's working
@@ -353,8 +359,26 @@ def start_processes(
     stack.callback(worker.stop)
     beat = DemoProcess("beat", ["beat"], env, log_dir / "beat.log", workdir).start()
     stack.callback(beat.stop)
+    front_end_settings = {
+        key: value
+        for key, value in _child_settings(backing, sandbox_url).items()
+        if key not in _WORKER_ONLY_SETTINGS
+    }
+    api = DemoProcess(
+        "api",
+        ["api", "--host", "127.0.0.1", "--port", "0"],
+        child_environment(inherited_env, front_end_settings),
+        log_dir / "api.log",
+        workdir,
+    ).start()
+    stack.callback(api.stop)
     worker.wait_for_output("ready.", timeout_seconds=WORKER_START_SECONDS)
-    return Processes(sandbox, worker, beat, sandbox_url)
+    api_match = _API_LISTENING.search(
+        api.wait_for_output("Uvicorn running on", timeout_seconds=API_START_SECONDS)
+    )
+    if api_match is None:
+        raise DemoError("the API did not say where it listens")
+    return Processes(sandbox, worker, beat, api, sandbox_url, api_match.group(1))
 
 
 # -- progress --------------------------------------------------------------------------------
@@ -599,6 +623,10 @@ def _run(
         f"worker (pid {processes.worker.pid}, {WORKER_POOL} x {WORKER_CONCURRENCY}) and beat "
         f"(pid {processes.beat.pid}, token check every {TOKEN_CHECK_INTERVAL_SECONDS:.0f} s) started"
     )
+    say(
+        f"HTTP API {processes.api_url} (pid {processes.api.pid}): "
+        "the front ends log in and submit codes through it"
+    )
 
     engine = make_engine(backing.database_url)
     stack.callback(engine.dispose)
@@ -622,8 +650,7 @@ def _run(
     )
     front_ends = FrontEnds(
         plan,
-        producer=producer,
-        celery_app=celery_app,
+        api_url=processes.api_url,
         sandbox_url=processes.sandbox_url,
         threads=options.front_ends,
         seed=options.seed,
@@ -647,6 +674,7 @@ def _run(
         logins_succeeded=front_ends.logins_succeeded,
         login_failures=front_ends.login_failures(),
         front_end_errors=front_ends.errors(),
+        api_answers=front_ends.answers(),
         sandbox_stats=admin.stats(),
         appids=appids,
         faults_injected=faults.injected,
