@@ -145,6 +145,30 @@ def test_a_reused_token_that_wechat_rejects_is_replaced_by_the_stored_one_withou
     assert worker.get_token(APPID).value == fresh.value  # and it reuses that one from now on
 
 
+def test_a_stored_token_fetched_before_the_revocation_is_replaced_not_blamed_on_the_configuration(
+    make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
+) -> None:
+    """A refresh that ran while the app's tokens were revoked stored a token revoked with the rest:
+    it was not fetched after the rejection, so its rejection is not a configuration error (the
+    demo met this under load: two jobs failed ``wechat_config_error``)."""
+    worker = make_service(local_reuse_seconds=30.0)
+    beat = make_service()
+    stale = worker.get_token(APPID)
+    raced = beat.refresh(APPID)  # fetched just before the revocation
+    sandbox_app.revoke_tokens(APPID)  # both are dead from now on
+    code = sandbox_app.mint_phone_code(APPID)
+    seen: list[str] = []
+
+    def exchange(token: str) -> str:
+        seen.append(token)
+        return worker.client.get_phone_number(access_token=token, code=code).pure_phone_number
+
+    assert worker.call_with_token(APPID, exchange)
+    assert seen[:2] == [stale.value, raced.value] and len(seen) == 3
+    assert tokens_issued(sandbox_app, "token") == 3  # one fetch after the rejection, no more
+    assert worker.get_token(APPID).value == seen[2]
+
+
 def test_refresh_timing_follows_the_expires_in_wechat_returned(
     make_service: Callable[..., TokenService], sandbox_app: SandboxAdmin
 ) -> None:

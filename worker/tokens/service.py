@@ -175,6 +175,9 @@ class TokenService:
     def call_with_token(self, appid: str, call: Callable[[str], T]) -> T:
         """Run ``call(access_token)``; on a token rejection refresh once and retry once.
 
+        A retry whose token was fetched before the rejection was seen (it may have been revoked
+        with the rejected one) and is rejected too gets one more try, with a token fetched after.
+
         The failed token is dropped only if it is still the stored one, so a fleet of workers
         that all saw the same rejection causes one refresh, not one each.
         """
@@ -182,9 +185,8 @@ class TokenService:
         try:
             return call(token.value)
         except TokenInvalidError:
-            self._local.pop(appid, None)
-            dropped = self.store.delete_if_current(appid, token.value)
-            log.warning("access token rejected by WeChat", extra={"appid": appid, "dropped": dropped})
+            rejected_at = self._clock()
+            self._drop_rejected(appid, token)
         except WeChatConfigurationError as error:
             self._alert_business_configuration_error(appid, error)
             raise
@@ -195,12 +197,35 @@ class TokenService:
             self._alert_business_configuration_error(appid, error)
             raise
         except TokenInvalidError:
-            # A token we just refreshed is rejected too: another system is fetching tokens for
-            # this app, or the token belongs elsewhere. Looping would only burn the quota.
+            if fresh.fetched_at >= rejected_at:
+                # A token fetched after the rejection is rejected too: another system is fetching
+                # tokens for this app, or the token belongs elsewhere. Looping would only burn
+                # the quota.
+                log.error("access token rejected again after a refresh", extra={"appid": appid})
+                raise TokenRejectedAfterRefreshError(
+                    f"{appid}: WeChat rejected a freshly refreshed access token"
+                ) from None
+            # The stored token was fetched before this run saw the rejection (a refresh that ran
+            # while the tokens were revoked): it may have been revoked with the rest. Once more,
+            # with a token fetched from now on.
+            self._drop_rejected(appid, fresh)
+        newest = self.get_token(appid, reuse=False)
+        try:
+            return call(newest.value)
+        except WeChatConfigurationError as error:
+            self._alert_business_configuration_error(appid, error)
+            raise
+        except TokenInvalidError:
             log.error("access token rejected again after a refresh", extra={"appid": appid})
             raise TokenRejectedAfterRefreshError(
                 f"{appid}: WeChat rejected a freshly refreshed access token"
             ) from None
+
+    def _drop_rejected(self, appid: str, token: CachedToken) -> None:
+        """Forget a token WeChat rejected: here, and in the store if it is still the stored one."""
+        self._local.pop(appid, None)
+        dropped = self.store.delete_if_current(appid, token.value)
+        log.warning("access token rejected by WeChat", extra={"appid": appid, "dropped": dropped})
 
     # -- refreshing ---------------------------------------------------------------------------
 
