@@ -20,6 +20,7 @@ from tests.support.pipeline import (
     FINGERPRINT_KEY,
     Pipeline,
     endpoint_counts,
+    producer_with_policy,
     run_cli,
 )
 from tests.support.waiting import wait_for
@@ -267,3 +268,18 @@ def test_a_login_sent_by_another_celery_client_is_recorded_as_a_job(pipeline: Pi
         "failed",
         "invalid_input",
     )
+
+
+def test_a_login_code_past_its_life_fails_without_wechat_like_a_phone_code(pipeline: Pipeline) -> None:
+    """A login job picked up after its ``code_expires_at`` (a broker backlog, workers down) ends
+    ``code_expired`` without a code2Session call, as a phone job does (found by review)."""
+    pipeline.settings.update(FAST_RETRY_SETTINGS)
+    late = producer_with_policy(pipeline, code_lifetime_seconds=0.5)
+    js_code, _ = pipeline.sandbox.mint_login_code(APPID)
+    job_id = late.submit_login(appid=APPID, js_code=js_code)
+    time.sleep(0.6)  # no worker yet: the code's life ends in the queue
+    pipeline.start_worker()
+
+    job = pipeline.wait_for_job(job_id, timeout_seconds=30)
+    calls = endpoint_counts(pipeline.sandbox, "login").calls
+    assert (job.status, job.error_code, calls) == ("failed", "code_expired", 0)

@@ -179,12 +179,18 @@ def _started_attempt(
     runner: str | None,
 ) -> LoginOutcome:
     """Mark the job ``running`` (one more attempt), then run :func:`_attempt`; a job that ended
-    meanwhile (another run finished it) returns its stored outcome without a call."""
+    meanwhile (another run finished it) returns its stored outcome, and one whose code is past its
+    life fails ``code_expired``, both without a call."""
     if task_id is not None:
         with sessions.begin() as session:
             started = session.execute(
                 update(LoginJob)
-                .where(LoginJob.job_id == task_id, LoginJob.status.in_(_OPEN))
+                .where(
+                    LoginJob.job_id == task_id,
+                    LoginJob.status.in_(_OPEN),
+                    # PostgreSQL's clock, as for phone jobs: a code past its life is never presented.
+                    LoginJob.code_expires_at > func.now(),
+                )
                 .values(
                     status=PhoneJobStatus.RUNNING.value,
                     attempts=LoginJob.attempts + 1,
@@ -196,6 +202,10 @@ def _started_attempt(
             done = _stored_outcome(sessions, task_id)
             if done is not None:
                 return done
+            # Open, but its code's life is over (a backlog, workers down): WeChat would refuse
+            # it, and a code is never presented past its life.
+            log.warning("login code expired before it could be exchanged", extra={"task_id": task_id})
+            return LoginOutcome("failed", "code_expired", appid=login.appid)
     return _attempt(
         login, attempt, sessions, client, credentials, policy, gate, protection, task_id, caller,
         fingerprint, lease=lease, runner=runner,
