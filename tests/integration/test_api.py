@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import text as sql
 
 from tests.support.api import (
     API_SESSION_KEY,
@@ -143,6 +144,23 @@ def test_a_slow_exchange_answers_202_then_get_waits_for_its_end(api_pipeline: Pi
         assert elapsed < WAIT_SECONDS / 2
         # A finished job answers at once, as often as asked.
         assert client.get(f"/v1/phone/{job_id}", headers=bearer(session)).json() == done.json()
+
+
+def test_a_login_answered_200_cannot_mint_a_second_session_from_its_job_id(api_pipeline: Pipeline) -> None:
+    """A login job id (a Celery task id: in the worker's log, the broker, ``wxphone job show``)
+    mints at most one session, also when the login was answered 200 at once (found by review)."""
+    api = start_api(api_pipeline)
+    js_code, _ = api_pipeline.sandbox.mint_login_code(APPID, openid="oReviewTwice01")
+    with api.client() as client:
+        first = client.post("/v1/login", json={"appid": APPID, "js_code": js_code})
+        assert first.status_code == 200, first.text
+        with api_pipeline.engine.connect() as conn:
+            [login_job_id] = [
+                str(job_id) for job_id in conn.execute(sql("SELECT job_id FROM login_jobs")).scalars()
+            ]
+        second = client.get(f"/v1/login/{login_job_id}")
+    assert second.status_code == 404, second.text
+    assert "session" not in second.json()
 
 
 def test_a_refused_phone_code_answers_422_with_its_job(api_pipeline: Pipeline) -> None:

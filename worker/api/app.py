@@ -246,6 +246,20 @@ def create_app(
             and job.openid == session.openid
         )
 
+    async def redeem(job_id: str) -> bool:
+        """Mark the session of a succeeded login job as handed out; False if it already was. A
+        login job id (a Celery task id: in logs, the broker, ``wxphone job show``) mints at most
+        one session, whether it was answered at once or followed up."""
+        marked = await run_in_threadpool(
+            lambda: redis.set(
+                REDEEMED_LOGIN_PREFIX + hashlib.sha256(job_id.encode()).hexdigest(),
+                1,
+                nx=True,
+                ex=int(login_redeem_seconds) + 60,
+            )
+        )
+        return bool(marked)
+
     @app.post(
         "/v1/login",
         summary="Log in with a wx.login code",
@@ -273,6 +287,8 @@ def create_app(
         job = await producer.wait_for_job_async(job_id, login_wait_seconds)
         if job is None:
             raise ServiceUnavailableError()  # recorded before it was sent: only a deleted row
+        if job.status == SUCCEEDED and not await redeem(job_id):
+            raise NotFoundError()  # never: this request is the first to see its success
         return login_answer(job)
 
     @app.get(
@@ -296,17 +312,8 @@ def create_app(
         if job is None or job.kind != LOGIN_KIND or _age_seconds(job, clock) > login_redeem_seconds:
             raise NotFoundError()
         job = await wait(job, wait_seconds)
-        if job.status == SUCCEEDED:
-            redeemed = await run_in_threadpool(
-                lambda: redis.set(
-                    REDEEMED_LOGIN_PREFIX + hashlib.sha256(job_id.encode()).hexdigest(),
-                    1,
-                    nx=True,
-                    ex=int(login_redeem_seconds) + 60,
-                )
-            )
-            if not redeemed:
-                raise NotFoundError()
+        if job.status == SUCCEEDED and not await redeem(job_id):
+            raise NotFoundError()
         return login_answer(job)
 
     @app.post(
