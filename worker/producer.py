@@ -48,6 +48,7 @@ from worker.waiting import JobDoneListener
 from worker.wechat.types import mask_phone_number
 
 __all__ = [
+    "JobReadTimeoutError",
     "JobView",
     "Producer",
     "UserView",
@@ -71,6 +72,8 @@ DEFAULT_CODE_LIFETIME_SECONDS = 300.0
 PUBLISH_THREADS = 8
 #: Celery's publish retry for submissions: one retry, at once.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+#: How long past its end an async wait gives a read of its job before it gives up.
+READ_GRACE_SECONDS = 3.0
 #: Most job ids one batched read of waiting jobs asks for.
 READ_BATCH_SIZE = 500
 #: How long opening the LISTEN connection may take.
@@ -154,6 +157,10 @@ class UserView:
             "country_code": self.country_code,
             "phone_verified_at": _iso(self.phone_verified_at),
         }
+
+
+class JobReadTimeoutError(TimeoutError):
+    """A wait could not read its job in time: the database did not answer."""
 
 
 class PublishError(RuntimeError):
@@ -337,7 +344,11 @@ class Producer:
     async def wait_for_job_async(self, job_id: str, timeout_seconds: float) -> JobView | None:
         """:meth:`wait_for_job` for asyncio: the waiting task holds no thread, and the reads of
         all the waits on one event loop are batched (one query for every job to look at, run on
-        the loop's default executor), so one process can hold thousands of waits."""
+        the loop's default executor), so one process can hold thousands of waits.
+
+        A read the database does not answer by the end of the wait (and
+        :data:`READ_GRACE_SECONDS` more) raises :class:`JobReadTimeoutError`: a request never
+        hangs on a database that stopped answering."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_seconds)
         woken = asyncio.Event()
@@ -351,7 +362,14 @@ class Producer:
         with self.listener.watching(job_id, wake):
             while True:
                 woken.clear()
-                job = await reads.read(job_id)
+                try:
+                    job = await asyncio.wait_for(
+                        reads.read(job_id), max(0.0, deadline - loop.time()) + READ_GRACE_SECONDS
+                    )
+                except TimeoutError:
+                    raise JobReadTimeoutError(
+                        f"job {job_id} could not be read: the database did not answer"
+                    ) from None
                 remaining = deadline - loop.time()
                 if job is None or job.is_terminal or remaining <= 0:
                     return job

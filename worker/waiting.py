@@ -14,14 +14,17 @@ them cost no thread each). A notification sent while the connection was down is 
 time the listener (re)connects it wakes *every* waiter, and each reads its job once more: a job
 that ended during the outage is seen then. The same rule covers a waiter registered before the
 first connection was up. While it waits, the listener checks its connection every
-:data:`LISTENER_PROBE_SECONDS` (a connection lost without a FIN would otherwise be waited on
+:data:`LISTENER_PROBE_SECONDS` with a round trip that must answer within
+:data:`PROBE_TIMEOUT_SECONDS` (a server that stopped answering would otherwise be waited on
 forever) and reconnects with a capped backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +44,9 @@ Wake = Callable[[], None]
 
 #: How often an idle listening connection is checked with a round trip.
 LISTENER_PROBE_SECONDS = 5.0
+#: How long the probe (and the LISTEN) may wait for PostgreSQL's answer before the connection is
+#: cut and made again.
+PROBE_TIMEOUT_SECONDS = 5.0
 #: How soon a closed listener lets go of its connection.
 CLOSE_CHECK_SECONDS = 0.5
 #: Backoff between reconnection attempts while PostgreSQL is unreachable.
@@ -115,7 +121,7 @@ class JobDoneListener:
         while not self._closed.is_set():
             try:
                 with self._connect() as connection:
-                    connection.execute(f"LISTEN {JOB_DONE_CHANNEL}")
+                    _execute_within(connection, f"LISTEN {JOB_DONE_CHANNEL}")
                     self.connections_made += 1
                     self._listening.set()
                     pause = RECONNECT_FIRST_PAUSE_SECONDS
@@ -139,7 +145,7 @@ class JobDoneListener:
             for notify in connection.notifies(timeout=CLOSE_CHECK_SECONDS):
                 self._wake(notify.payload)
             if time.monotonic() >= probe_at:
-                connection.execute("SELECT 1")  # raises if the connection is gone
+                _execute_within(connection, "SELECT 1")  # raises if the connection is gone
                 probe_at = time.monotonic() + LISTENER_PROBE_SECONDS
 
     def _wake(self, job_id: str) -> None:
@@ -153,3 +159,27 @@ class JobDoneListener:
             wakes = [wake for job_wakes in self._waiters.values() for wake in job_wakes]
         for wake in wakes:
             wake()
+
+
+def _execute_within(connection: psycopg.Connection[tuple[object, ...]], statement: str) -> None:
+    """Run ``statement``, cutting the connection if no answer comes within
+    :data:`PROBE_TIMEOUT_SECONDS`: a server that stopped answering (a frozen process, a proxy
+    that holds the flow) keeps TCP alive, so neither keepalives nor libpq end the wait; shutting
+    the socket down makes it fail (``OperationalError``) and the listener reconnects."""
+    timer = threading.Timer(PROBE_TIMEOUT_SECONDS, _cut, args=(connection.fileno(),))
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.execute(statement)
+    finally:
+        timer.cancel()
+
+
+def _cut(fileno: int) -> None:
+    """Shut down the socket behind ``fileno`` (a blocked read on it then fails at once)."""
+    with contextlib.suppress(OSError):
+        cut = socket.socket(fileno=os.dup(fileno))
+        try:
+            cut.shutdown(socket.SHUT_RDWR)
+        finally:
+            cut.close()

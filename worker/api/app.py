@@ -69,7 +69,7 @@ from worker.api.models import (
 from worker.api.ratelimit import SessionRateLimiter
 from worker.api.sessions import ApiSession, InvalidSessionError, SessionSigner
 from worker.jobs.validation import InvalidInputError
-from worker.producer import LOGIN_KIND, PHONE_KIND, JobView, Producer, PublishError
+from worker.producer import LOGIN_KIND, PHONE_KIND, JobReadTimeoutError, JobView, Producer, PublishError
 from worker.settings import Settings
 
 __all__ = ["API_CALLER", "MAX_BODY_BYTES", "create_app"]
@@ -505,6 +505,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    for dependency_error in (SQLAlchemyError, psycopg.Error, RedisError):
+    for dependency_error in (SQLAlchemyError, psycopg.Error, RedisError, JobReadTimeoutError):
         app.add_exception_handler(dependency_error, unavailable)
     app.add_exception_handler(Exception, internal)
