@@ -528,6 +528,10 @@ class Settings(BaseSettings):
     @field_validator("wechat_api_base")
     @classmethod
     def _check_api_base(cls, value: str) -> str:
+        if "\\" in value:
+            # urllib.parse reads the host after a "user\\@", requests (the WeChat client) reads
+            # the one before: a loopback check on one parser's host says nothing of the other's.
+            raise ValueError("must not contain a backslash")
         parts = urlsplit(value)
         try:
             _ = parts.port  # parsed on access: a port that is not a number raises
