@@ -272,6 +272,7 @@ def create_app(
                 "description": "Not finished yet: GET /v1/login/{job_id}",
                 "links": {"LoginJob": _job_link("login_job")},
             },
+            404: {"model": ErrorBody, "description": "This login's session was already handed out"},
             422: {"model": ErrorBody, "description": "WeChat refused the code: call wx.login again"},
             **_ERROR_RESPONSES,
         },
