@@ -14,7 +14,7 @@ just before the submit call to the return of the wait with the job's end.
 :func:`stage_samples` splits each answer into the stages it went through, from this process's
 clock and the job's own times (same host, same wall clock):
 
-``executor wait``   asyncio only: until a thread of the loop's executor took up the blocking submit
+``executor wait``   asyncio only: until a thread of the submit pool took up the blocking submit
 ``submit``          the submit call: the job recorded in PostgreSQL, then published to the broker
 ``to worker``       submit returned -> the worker started the task (``phone_jobs.started_at``):
                     broker delivery and Celery's hand-over to a pool thread or greenlet
@@ -64,6 +64,10 @@ __all__ = [
 WAITER_KINDS = ("asyncio", "threads")
 #: Caller threads of the ``threads`` waiters (each takes every ANSWER_THREADS-th submission).
 ANSWER_THREADS = 64
+#: Threads the asyncio callers run their blocking submits on: a pool of their own, as an asyncio
+#: web front end has (anyio's ``to_thread``, which FastAPI and Starlette use, allows 40 at once);
+#: the producer's batched reads keep the event loop's default executor.
+SUBMIT_THREADS = 40
 #: Seconds between two NOTIFY probes.
 PROBE_INTERVAL_SECONDS = 0.1
 STAGES = ("executor wait", "submit", "to worker", "exchange", "worker other", "commit + notify", "read")
@@ -216,6 +220,7 @@ async def _paced_async(
     stamps: _Stamps,
 ) -> list[AnswerSample]:
     loop = asyncio.get_running_loop()
+    submits = concurrent.futures.ThreadPoolExecutor(SUBMIT_THREADS, thread_name_prefix="bench-submit")
     start_loop = loop.time() + 0.2
     start_wall = time.time() + 0.2
 
@@ -232,8 +237,8 @@ async def _paced_async(
 
         with stamps.flight():
             submit_at = time.time()
-            # What an asyncio front end does with the (blocking) submit: the loop's executor.
-            job_id = await loop.run_in_executor(None, submit)
+            # What an asyncio front end does with the (blocking) submit: a thread pool.
+            job_id = await loop.run_in_executor(submits, submit)
             submitted_at = time.time()
             with producer.listener.watching(job_id, stamps.callback(job_id)):
                 job = await producer.wait_for_job_async(job_id, timeout_seconds)
@@ -249,7 +254,10 @@ async def _paced_async(
             status=job.status if job is not None else None,
         )
 
-    return list(await asyncio.gather(*(one(index) for index in range(len(items)))))
+    try:
+        return list(await asyncio.gather(*(one(index) for index in range(len(items)))))
+    finally:
+        submits.shutdown(wait=False)
 
 
 def _paced_threads(

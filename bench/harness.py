@@ -742,6 +742,11 @@ class Bench:
         )
         if load is not None:
             result.machine_busy_cores, result.outside_busy_cores = load
+        result.steal_cores = (
+            sampler.steal_between(low, high)
+            if phase.mode == "drain"
+            else sampler.steal_between(first_enqueue, max(commit_times))
+        )
         result.max_rss_mb = sampler.max_rss_mb(phase_start)
         return result
 
@@ -817,7 +822,8 @@ def _one_line(result: PhaseResult) -> str:
         f"jobs/s={result.jobs_per_second or 0:.0f} p99={p99 or 0:.0f}ms tokens={result.token_fetches} "
         f"phone={result.phone_calls} errcodes={json.dumps(result.phone_errcodes)} "
         f"cpu/job={result.cpu_ms_per_job or 0:.2f}ms rss={result.max_rss_mb or 0:.0f}MB "
-        f"busy={result.machine_busy_cores or 0:.2f} other={result.outside_busy_cores or 0:.2f} cores"
+        f"busy={result.machine_busy_cores or 0:.2f} other={result.outside_busy_cores or 0:.2f} "
+        f"steal={result.steal_cores or 0:.2f} cores"
     )
 
 

@@ -106,6 +106,8 @@ class PhaseResult:
     #: own processes (PostgreSQL and anything else running on the machine).
     machine_busy_cores: float | None = None
     outside_busy_cores: float | None = None
+    #: CPU the hypervisor withheld from this (virtual) machine meanwhile, in cores (/proc/stat steal).
+    steal_cores: float | None = None
     notes: str = ""
     # The ``answer`` phase (wxphone): submit to answer as the caller saw it (``bench.answer``).
     #: The sandbox's configured latency of the exchange (``--latency-ms``).
@@ -464,6 +466,7 @@ ANSWER_COLUMNS: list[Column] = [
     ("most waiting", lambda r: r.most_waiting),
     ("caller CPU ms/job", lambda r: r.caller_cpu_ms_per_job),
     ("other cores", lambda r: r.outside_busy_cores),
+    ("steal cores", lambda r: r.steal_cores),
 ]
 
 

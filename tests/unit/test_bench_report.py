@@ -209,6 +209,7 @@ def answer_phase(p50: float, p99: float = 90.0, **overrides: object) -> PhaseRes
         },
         "most_waiting": 14,
         "peak_fraction": 0.5,
+        "steal_cores": 0.3,
         "caller_cpu_ms_per_job": 1.5,
         "notify_probe_ms": {"p50": 0.8, "p95": 1.5, "p99": 2.5, "max": 3.0, "mean": 0.9},
     }
@@ -256,9 +257,9 @@ class TestSubmitToAnswer:
         assert "(woken by its NOTIFY), paced at 50% of wxphone's peak" in text
         row = next(line for line in text.splitlines() if line.startswith("wxphone ") and "asyncio" in line)
         # system, waiters, at jobs/s, answered, unanswered, exchange, p50, p95, p99, max, p50 - exchange,
-        # most waiting, caller CPU, other cores
+        # most waiting, caller CPU, other cores, steal cores
         assert row.split() == ["wxphone", "asyncio", "150", "1200", "0", "50.0", "63.2", "80.0", "88.0",
-                               "120", "13.2", "14", "1.50", "-"]  # fmt: skip
+                               "120", "13.2", "14", "1.50", "-", "0.30"]  # fmt: skip
         assert "PASS submit-to-answer p50 within 20 ms of the exchange latency: p50 63.2 ms" in text
         stages = text.split("Where the time goes")[1].splitlines()
         assert [line.split("  ")[0] for line in stages[3 : 3 + len(STAGES)]] == list(STAGES)
@@ -381,3 +382,24 @@ class TestCommandLine:
             # the celery command patches for gevent itself (maybe_patch_concurrency) before importing
             assert args[:3] == [PYTHON, "-m", "celery"]
             assert args[args.index("--pool") + 1] == "gevent"
+
+
+class TestSteal:
+    """CPU the hypervisor withheld, from /proc/stat's steal column, in cores over a window."""
+
+    def test_steal_between_two_moments_interpolates_the_samples(self) -> None:
+        from bench.services import ProcessSampler, Sample
+
+        sampler = ProcessSampler(lambda: [])
+        sampler.samples = [
+            Sample(at=100.0, cpu_seconds=0.0, rss_mb={}, machine_steal_seconds=50.0),
+            Sample(at=110.0, cpu_seconds=0.0, rss_mb={}, machine_steal_seconds=54.0),
+        ]
+        assert sampler.steal_between(100.0, 110.0) == pytest.approx(0.4)
+        assert sampler.steal_between(102.5, 107.5) == pytest.approx(0.4)
+        assert sampler.steal_between(110.0, 100.0) is None
+
+    def test_this_machine_reports_a_steal_counter(self) -> None:
+        from bench.services import machine_steal_seconds
+
+        assert machine_steal_seconds() >= 0.0
