@@ -132,7 +132,7 @@ class PacedAnswers:
     samples: list[AnswerSample]
     #: Most submissions between their submit and their answer at one moment.
     most_in_flight: int
-    #: Connections the listener made during the phase (1 before it: a reconnect would show here).
+    #: Connections the listener made during the phase: 0 unless it lost its connection.
     listener_reconnects: int
     #: CPU seconds of this whole process during the phase (callers, listener, probe, sampler).
     caller_cpu_seconds: float
