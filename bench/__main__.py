@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.answer import WAITER_KINDS
 from bench.harness import REPO_ROOT, Bench, BenchConfig, scenario_runs
 from bench.report import evaluate_targets, load_results, render_report, write_json
 
@@ -68,6 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-duplicates", action="store_true", help="skip the 10%% duplicate run")
     parser.add_argument("--no-rotation", action="store_true", help="skip the rotating classic token run")
     parser.add_argument("--rate", type=float, default=None, help="jobs/s of the duplicate and rotation runs")
+    parser.add_argument(
+        "--no-answer", action="store_true", help="skip wxphone's submit-to-answer phase (bench/answer.py)"
+    )
+    parser.add_argument(
+        "--answer-waiters",
+        default="asyncio",
+        choices=WAITER_KINDS,
+        help="how the bench's callers wait for their answer: wait_for_job_async on one event loop, "
+        "or wait_for_job in caller threads [asyncio]",
+    )
+    parser.add_argument(
+        "--answer-seconds",
+        type=float,
+        default=None,
+        help="length of the submit-to-answer phase [20; quick 8]",
+    )
+    parser.add_argument(
+        "--answer-fraction",
+        type=float,
+        default=0.5,
+        help="rate of the submit-to-answer phase as a fraction of wxphone's drain rate; the target "
+        "is judged only at 0.5 [0.5]",
+    )
     parser.add_argument(
         "--refresh-fraction",
         type=float,
@@ -125,6 +149,10 @@ def config_from(args: argparse.Namespace) -> BenchConfig:
         log_dir=args.log_dir,
         quick=quick,
         stall_seconds=20.0 if quick else 45.0,
+        answer=not args.no_answer,
+        answer_seconds=args.answer_seconds or (8.0 if quick else 20.0),
+        answer_waiters=args.answer_waiters,
+        answer_fraction=args.answer_fraction,
     )
     if quick:
         config.concurrency_levels = (1, 10, 100)

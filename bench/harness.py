@@ -12,6 +12,9 @@ and measures:
   the system's own measured peak); enqueue time is the producer's clock just before it records the
   job, commit time is the database's ``clock_timestamp()`` (raw, baseline) or wxphone's
   ``phone_jobs.finished_at``, stamped in the committing transaction;
+* wxphone's submit to answer (:mod:`bench.answer`): what a front end's caller waits, from calling
+  ``submit_phone_code`` until the wait for the job's end returns it, paced at half of its peak,
+  split into the stages the time went to;
 * WeChat cost from the sandbox's counters (token endpoint calls, phone calls, errcodes, how often
   each code was presented);
 * worker CPU seconds and RSS from ``/proc`` (every worker process and its children).
@@ -41,6 +44,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import sessionmaker
 
 from bench import common as names
+from bench.answer import PacedAnswers, paced_answers, stage_samples, stage_summaries
 from bench.common import BENCH_SCHEMA
 from bench.report import PhaseResult, latency_summary, windowed_rate
 from bench.services import (
@@ -71,7 +75,8 @@ DEFAULT_MAX_OVERFLOW = 0
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    """One workload: a pre-filled queue (``drain``) or submissions at a fixed rate (``paced``)."""
+    """One workload: a pre-filled queue (``drain``), submissions at a fixed rate (``paced``), or
+    submissions at a fixed rate whose callers each wait for their answer (``answer``, wxphone)."""
 
     mode: str
     jobs: int = 0
@@ -115,6 +120,13 @@ class BenchConfig:
     output: Path = REPO_ROOT / "bench" / "results" / "latest.json"
     log_dir: Path | None = None
     quick: bool = False
+    #: wxphone's submit-to-answer phase after its comparison run (``bench.answer``).
+    answer: bool = True
+    answer_seconds: float = 20.0
+    answer_waiters: str = "asyncio"
+    answer_timeout_seconds: float = 30.0
+    #: The answer phase's rate as a fraction of wxphone's drain rate (the target's: 0.5).
+    answer_fraction: float = 0.5
 
 
 # -- systems ----------------------------------------------------------------------------------
@@ -126,6 +138,8 @@ class JobRow:
     committed_at: float | None
     status: str
     error_code: str | None
+    #: wxphone: when a worker started the task (``phone_jobs.started_at``).
+    started_at: float | None = None
 
 
 class Submitter(Protocol):
@@ -168,6 +182,7 @@ class WxphoneSubmitter:
         from worker.producer import Producer
         from worker.settings import Settings
 
+        self.engine = engine
         self.producer = Producer(
             sessions=sessionmaker(bind=engine, expire_on_commit=False),
             celery_app=celery,
@@ -179,6 +194,9 @@ class WxphoneSubmitter:
 
     def submit(self, appid: str, openid: str, code: str) -> str:
         return self.producer.submit_phone_code(appid=appid, openid=openid, code=code)
+
+    def close(self) -> None:
+        self.producer.close()  # its job-end listener, opened by the first wait
 
 
 @dataclass
@@ -409,12 +427,28 @@ class Bench:
     def _rows(self, system: System) -> dict[str, JobRow]:
         assert self.engine is not None
         if system.name == "wxphone":
-            sql = "SELECT job_id, created_at, finished_at, status, error_code FROM phone_jobs"
+            sql = "SELECT job_id, created_at, finished_at, status, error_code, started_at FROM phone_jobs"
         else:
-            sql = "SELECT job_id, enqueued_at, committed_at, status, error_code FROM bench_jobs"
+            sql = "SELECT job_id, enqueued_at, committed_at, status, error_code, NULL FROM bench_jobs"
         with self.engine.connect() as connection:
             rows = connection.execute(text(sql)).all()
-        return {row[0]: JobRow(_epoch(row[1]) or 0.0, _epoch(row[2]), row[3], row[4]) for row in rows}
+        return {
+            row[0]: JobRow(_epoch(row[1]) or 0.0, _epoch(row[2]), row[3], row[4], _epoch(row[5]))
+            for row in rows
+        }
+
+    def _exchange_ms(self, job_ids: Sequence[str]) -> dict[str, float]:
+        """wxphone: how long its phone-number calls took, as the worker timed them, per job."""
+        assert self.engine is not None
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT job_id, sum(latency_ms) FROM exchange_audit "
+                    "WHERE api = 'phone' AND job_id = ANY(:job_ids) GROUP BY job_id"
+                ),
+                {"job_ids": list(job_ids)},
+            ).all()
+        return {str(row[0]): float(row[1]) for row in rows}
 
     def _terminal_count(self, system: System) -> int:
         assert self.engine is not None
@@ -444,6 +478,7 @@ class Bench:
         submitted_total = 0
         try:
             for index, phase in enumerate(phases):
+                answers: PacedAnswers | None = None
                 if phase.mode == "drain":
                     rate = None
                     items = self._mint(system, phase.jobs, phase.duplicate_fraction)
@@ -459,12 +494,26 @@ class Bench:
                         self._wait_ready(celery, run.processes)
                     rate = phase.rate
                     if phase.rate_of_drain is not None:
-                        previous = results[-1].jobs_per_second if results else None
-                        rate = max(1.0, (previous or phase.rate) * phase.rate_of_drain)
+                        peak = next((r.jobs_per_second for r in results if r.mode == "drain"), None)
+                        rate = max(1.0, (peak or phase.rate) * phase.rate_of_drain)
                     count = max(1, int(rate * phase.seconds))
                     items = self._mint(system, count, phase.duplicate_fraction)
                     phase_start = time.time()
-                    job_ids = self._paced(submitter, system.appid, items, rate)
+                    if phase.mode == "answer":
+                        if not isinstance(submitter, WxphoneSubmitter):
+                            raise ValueError("the answer phase measures wxphone's producer only")
+                        answers = paced_answers(
+                            submitter.producer,
+                            submitter.engine,
+                            system.appid,
+                            items,
+                            rate,
+                            waiters=self.config.answer_waiters,
+                            timeout_seconds=self.config.answer_timeout_seconds,
+                        )
+                        job_ids = [sample.job_id for sample in answers.samples]
+                    else:
+                        job_ids = self._paced(submitter, system.appid, items, rate)
                 submitted_total += len(job_ids)
                 self._wait_terminal(system, submitted_total, workers)
                 stats_after = self.sandbox.stats()
@@ -483,6 +532,10 @@ class Bench:
                     sampler,
                     phase_start,
                 )
+                if answers is not None:
+                    self._measure_answers(result, run, answers, rows)
+                    drained = any(r.mode == "drain" for r in results)
+                    result.peak_fraction = phase.rate_of_drain if drained else None
                 if index == 0 and workers:
                     result.notes = "includes worker start-up (cold token)"
                 results.append(result)
@@ -495,6 +548,8 @@ class Bench:
                     self.processes.remove(worker)
             if workers:
                 sampler.stop()
+            if isinstance(submitter, WxphoneSubmitter):
+                submitter.close()
             celery.close()
         self.results.extend(results)
         return results
@@ -577,6 +632,20 @@ class Bench:
             for future in [executor.submit(lane, n) for n in range(threads)]:
                 future.result()
         return job_ids
+
+    def _measure_answers(
+        self, result: PhaseResult, run: RunSettings, answers: PacedAnswers, rows: dict[str, JobRow]
+    ) -> None:
+        exchange_ms = self._exchange_ms([sample.job_id for sample in answers.samples])
+        latency = run.sandbox.get("latency_ms")
+        _answer_figures(
+            result,
+            answers,
+            rows,
+            exchange_ms,
+            float(latency) if latency is not None else None,
+            self.config.answer_waiters,
+        )
 
     def _wait_terminal(self, system: System, expected: int, workers: Sequence[ManagedProcess]) -> None:
         """Until every submitted job is terminal, or no job finished for ``stall_seconds``."""
@@ -673,8 +742,48 @@ class Bench:
         )
         if load is not None:
             result.machine_busy_cores, result.outside_busy_cores = load
+        result.steal_cores = (
+            sampler.steal_between(low, high)
+            if phase.mode == "drain"
+            else sampler.steal_between(first_enqueue, max(commit_times))
+        )
         result.max_rss_mb = sampler.max_rss_mb(phase_start)
         return result
+
+
+def _answer_figures(
+    result: PhaseResult,
+    answers: PacedAnswers,
+    rows: dict[str, JobRow],
+    exchange_ms: dict[str, float],
+    exchange_latency_ms: float | None,
+    waiters: str,
+) -> None:
+    """Fill the answer fields of ``result`` from the callers' samples and the jobs' own times."""
+    answered = [sample for sample in answers.samples if sample.status == "succeeded"]
+    result.waiters = waiters
+    result.exchange_latency_ms = exchange_latency_ms
+    result.answered = len(answered)
+    result.unanswered = len(answers.samples) - len(answered)
+    result.answer_ms = latency_summary([sample.answer_ms for sample in answered])
+    result.answer_lag_ms = latency_summary([sample.lag_ms for sample in answers.samples])
+    result.most_waiting = answers.most_in_flight
+    if answered:
+        result.caller_cpu_ms_per_job = answers.caller_cpu_seconds * 1000 / len(answered)
+    result.notify_probe_ms = latency_summary(answers.notify_probe_ms)
+    stages = stage_samples(
+        answered,
+        {job_id: row.started_at for job_id, row in rows.items()},
+        {job_id: row.committed_at for job_id, row in rows.items()},
+        exchange_ms,
+    )
+    result.answer_stages_ms = stage_summaries(stages)
+    split = len(stages["submit"])
+    if split < len(answered) or answers.listener_reconnects:
+        result.notes = (
+            f"{split} of {len(answered)} answers split into stages; "
+            f"listener reconnects during the phase: {answers.listener_reconnects}"
+        )
 
 
 def _endpoint_delta(before: dict[str, Any], after: dict[str, Any], endpoint: str) -> dict[str, Any]:
@@ -698,14 +807,23 @@ def _max_presentations(before: dict[str, Any], after: dict[str, Any]) -> int:
 
 def _one_line(result: PhaseResult) -> str:
     p99 = result.latency_ms.get("p99")
-    return (
+    answer = ""
+    if result.mode == "answer":
+        p50_answer, p99_answer = result.answer_ms.get("p50") or 0.0, result.answer_ms.get("p99") or 0.0
+        answer = (
+            f"answer p50={p50_answer:.1f}ms p99={p99_answer:.1f}ms "
+            f"(exchange {result.exchange_latency_ms or 0:.0f}ms) answered={result.answered} "
+            f"unanswered={result.unanswered} "
+        )
+    return answer + (
         f"{result.scenario:<20} {result.system:<8} {result.mode:<5} "
         f"p={result.processes} c={result.concurrency} "
         f"jobs={result.submitted} ok={result.succeeded} failed={result.failed} lost={result.lost} "
         f"jobs/s={result.jobs_per_second or 0:.0f} p99={p99 or 0:.0f}ms tokens={result.token_fetches} "
         f"phone={result.phone_calls} errcodes={json.dumps(result.phone_errcodes)} "
         f"cpu/job={result.cpu_ms_per_job or 0:.2f}ms rss={result.max_rss_mb or 0:.0f}MB "
-        f"busy={result.machine_busy_cores or 0:.2f} other={result.outside_busy_cores or 0:.2f} cores"
+        f"busy={result.machine_busy_cores or 0:.2f} other={result.outside_busy_cores or 0:.2f} "
+        f"steal={result.steal_cores or 0:.2f} cores"
     )
 
 
@@ -741,6 +859,16 @@ def scenario_runs(config: BenchConfig) -> Iterator[tuple[str, Callable[[Bench], 
                 PhaseSpec("drain", jobs=config.jobs),
                 PhaseSpec("paced", rate=100.0, seconds=config.paced_seconds, rate_of_drain=0.5),
             ]
+            if name == "wxphone" and config.answer:
+                # What a front end's caller waits at the same rate: submit, then wait for the end.
+                phases.append(
+                    PhaseSpec(
+                        "answer",
+                        rate=100.0,
+                        seconds=config.answer_seconds,
+                        rate_of_drain=config.answer_fraction,
+                    )
+                )
             results = bench.run_system(name, run, phases)
             if results[0].jobs_per_second:
                 peaks[name] = results[0].jobs_per_second

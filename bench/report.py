@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ANSWER_MARGIN_MS",
     "PhaseResult",
     "Target",
+    "answer_verdict",
     "evaluate_targets",
     "format_table",
     "latency_summary",
@@ -104,7 +106,31 @@ class PhaseResult:
     #: own processes (PostgreSQL and anything else running on the machine).
     machine_busy_cores: float | None = None
     outside_busy_cores: float | None = None
+    #: CPU the hypervisor withheld from this (virtual) machine meanwhile, in cores (/proc/stat steal).
+    steal_cores: float | None = None
     notes: str = ""
+    # The ``answer`` phase (wxphone): submit to answer as the caller saw it (``bench.answer``).
+    #: The sandbox's configured latency of the exchange (``--latency-ms``).
+    exchange_latency_ms: float | None = None
+    #: ``asyncio`` (``wait_for_job_async``) or ``threads`` (``wait_for_job``).
+    waiters: str = ""
+    #: p50/p95/p99/max/mean of submit to answer over the submissions answered ``succeeded``.
+    answer_ms: dict[str, float | None] = field(default_factory=dict)
+    answered: int = 0
+    #: Waits that returned anything but a succeeded job (a failure, or the job at the timeout).
+    unanswered: int = 0
+    #: The same summary for each stage of the answers (``bench.answer.STAGES``).
+    answer_stages_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    #: How late submissions started against their schedule (the bench process's own lag).
+    answer_lag_ms: dict[str, float | None] = field(default_factory=dict)
+    #: Most submissions between submit and answer at one moment.
+    most_waiting: int = 0
+    #: CPU of the bench process (the callers' side) per answer during the phase.
+    caller_cpu_ms_per_job: float | None = None
+    #: A bare NOTIFY from another connection until the listener's callback, sampled meanwhile.
+    notify_probe_ms: dict[str, float | None] = field(default_factory=dict)
+    #: The offered rate as a fraction of the drain's peak (the target is defined at 0.5).
+    peak_fraction: float | None = None
 
     @property
     def phone_calls_per_job(self) -> float | None:
@@ -207,6 +233,9 @@ def table_of(results: Sequence[PhaseResult], columns: Sequence[Column]) -> str:
 
 # -- targets ----------------------------------------------------------------------------------
 
+#: The issue's target: the caller's p50 submit-to-answer at most this much above the exchange's.
+ANSWER_MARGIN_MS = 20.0
+
 
 @dataclass(frozen=True)
 class Target:
@@ -229,6 +258,25 @@ def _pick(
     return None
 
 
+def answer_verdict(result: PhaseResult, margin_ms: float = ANSWER_MARGIN_MS) -> tuple[bool | None, str]:
+    """Whether an ``answer`` phase met the target, and the sentence that says by how much."""
+    p50 = result.answer_ms.get("p50")
+    p99 = result.answer_ms.get("p99")
+    exchange = result.exchange_latency_ms
+    if p50 is None or exchange is None:
+        return None, f"no submission was answered ({result.unanswered} unanswered)"
+    above = p50 - exchange
+    fraction = result.peak_fraction
+    off_target_rate = fraction is not None and abs(fraction - 0.5) > 1e-9
+    return (
+        None if off_target_rate else above <= margin_ms,
+        (f"measured at {fraction:.0%} of peak, not at the target's 50%: " if off_target_rate else "")
+        + f"p50 {p50:.1f} ms = exchange {exchange:.0f} ms + {above:.1f} ms (p99 {p99 or 0:.1f} ms) at "
+        f"{result.offered_rate or 0:.0f} jobs/s, {result.answered} answered, {result.unanswered} not, "
+        f"{result.waiters} waiters",
+    )
+
+
 def evaluate_targets(
     results: Sequence[PhaseResult],
     *,
@@ -236,6 +284,7 @@ def evaluate_targets(
     rss_limit_mb: float = 300.0,
     p99_limit_ms: float = 500.0,
     throughput_ratio: float = 0.7,
+    answer_margin_ms: float = ANSWER_MARGIN_MS,
 ) -> list[Target]:
     """Check the issue's targets against the measured phases."""
     targets: list[Target] = []
@@ -322,6 +371,17 @@ def evaluate_targets(
             )
         )
 
+    answer = _pick(results, "comparison", "wxphone", "answer")
+    answer_name = (
+        f"submit-to-answer p50 within {answer_margin_ms:.0f} ms of the exchange latency at half of peak "
+        "throughput"
+    )
+    if answer is not None:
+        verdict = answer_verdict(answer, answer_margin_ms)
+        targets.append(Target(answer_name, verdict[0], verdict[1]))
+    elif _pick(results, "comparison", "wxphone") is not None:
+        targets.append(Target(answer_name, None, "not run (--no-answer)"))
+
     comparison_rss = [r.max_rss_mb for r in results if r.system == "wxphone" and r.max_rss_mb is not None]
     if comparison_rss:
         worst_rss = max(comparison_rss)
@@ -355,7 +415,8 @@ def render_report(results: Sequence[PhaseResult], targets: Sequence[Target], met
         "rotation": "Classic tokens rotating during the run (paced)",
     }
     for scenario, title in titles.items():
-        rows = [r for r in results if r.scenario == scenario]
+        # The answer phase has a section of its own.
+        rows = [r for r in results if r.scenario == scenario and r.mode != "answer"]
         if not rows:
             continue
         if scenario == "comparison":
@@ -371,6 +432,9 @@ def render_report(results: Sequence[PhaseResult], targets: Sequence[Target], met
         rows = [r for r in results if r.scenario == scenario]
         if rows:
             sections.append(f"{title}\n{table_of(rows, SCALING_COLUMNS)}")
+    answers = [r for r in results if r.mode == "answer"]
+    if answers:
+        sections.append(_answer_section(answers, meta))
     if targets:
         lines = ["Targets"]
         for target in targets:
@@ -378,6 +442,78 @@ def render_report(results: Sequence[PhaseResult], targets: Sequence[Target], met
             lines.append(f"  {mark} {target.name}: {target.detail}")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
+
+
+ANSWER_COLUMNS: list[Column] = [
+    ("system", lambda r: r.system),
+    ("waiters", lambda r: r.waiters),
+    ("at jobs/s", lambda r: r.offered_rate),
+    ("answered", lambda r: r.answered),
+    ("unanswered", lambda r: r.unanswered),
+    ("exchange ms", lambda r: r.exchange_latency_ms),
+    ("p50 ms", lambda r: r.answer_ms.get("p50")),
+    ("p95 ms", lambda r: r.answer_ms.get("p95")),
+    ("p99 ms", lambda r: r.answer_ms.get("p99")),
+    ("max ms", lambda r: r.answer_ms.get("max")),
+    (
+        "p50 - exchange",
+        lambda r: (
+            None
+            if r.answer_ms.get("p50") is None or r.exchange_latency_ms is None
+            else float(r.answer_ms["p50"] or 0.0) - r.exchange_latency_ms
+        ),
+    ),
+    ("most waiting", lambda r: r.most_waiting),
+    ("caller CPU ms/job", lambda r: r.caller_cpu_ms_per_job),
+    ("other cores", lambda r: r.outside_busy_cores),
+    ("steal cores", lambda r: r.steal_cores),
+]
+
+
+def _answer_section(answers: Sequence[PhaseResult], meta: Mapping[str, Any]) -> str:
+    """Submit to answer: the caller's latency, the stages it went through, and the verdict."""
+    fractions = {r.peak_fraction for r in answers}
+    paced = (
+        f"paced at {fractions.pop():.0%} of wxphone's peak"
+        if fractions and None not in fractions
+        else "paced"
+    )
+    parts = [
+        f"Submit to answer, pool {meta.get('pool')}: submit_phone_code, then wait for the job's end "
+        f"(woken by its NOTIFY), {paced}, callers in the bench process\n" + table_of(answers, ANSWER_COLUMNS)
+    ]
+    for result in answers:
+        if result.answer_stages_ms:
+            rows = [
+                [stage, summary.get("p50"), summary.get("p95"), summary.get("p99"), summary.get("max")]
+                for stage, summary in result.answer_stages_ms.items()
+            ]
+            for label, summary in (
+                ("(bare NOTIFY probe)", result.notify_probe_ms),
+                ("(same jobs: enqueue to commit)", result.latency_ms),
+                ("(submit start after schedule)", result.answer_lag_ms),
+            ):
+                if summary.get("p50") is not None:
+                    rows.append(
+                        [
+                            label,
+                            summary.get("p50"),
+                            summary.get("p95"),
+                            summary.get("p99"),
+                            summary.get("max"),
+                        ]
+                    )
+            parts.append(
+                f"Where the time goes ({result.system}, {result.waiters} waiters; ms per stage, each "
+                "percentile taken on its own, so they do not add up)\n"
+                + format_table(["stage", "p50", "p95", "p99", "max"], rows)
+            )
+        met, detail = answer_verdict(result)
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[met]
+        parts.append(
+            f"{mark} submit-to-answer p50 within {ANSWER_MARGIN_MS:.0f} ms of the exchange latency: {detail}"
+        )
+    return "\n\n".join(parts)
 
 
 def _merge_comparison(rows: Sequence[PhaseResult]) -> list[PhaseResult]:

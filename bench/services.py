@@ -256,6 +256,14 @@ def machine_busy_seconds() -> float:
     return (sum(values) - idle - steal_and_guests) / _CLOCK_TICKS
 
 
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor ran something else while this machine's vCPUs wanted to run
+    (``steal`` in /proc/stat; 0 on bare metal)."""
+    with open("/proc/stat") as handle:
+        values = [int(value) for value in handle.readline().split()[1:]]
+    return (values[7] if len(values) > 7 else 0) / _CLOCK_TICKS
+
+
 @dataclass(frozen=True)
 class Sample:
     at: float  # time.time()
@@ -263,6 +271,7 @@ class Sample:
     rss_mb: dict[int, float]
     machine_busy_seconds: float = 0.0
     own_cpu_seconds: float = 0.0  # the harness and everything it started (workers, sandbox, redis)
+    machine_steal_seconds: float = 0.0
 
 
 class ProcessSampler:
@@ -303,7 +312,14 @@ class ProcessSampler:
         own = sum(cpu_seconds(pid) for pid in process_tree([os.getpid()]))
         self._own_max = max(self._own_max, own)
         self.samples.append(
-            Sample(time.time(), sum(self._last_cpu.values()), rss, machine_busy_seconds(), self._own_max)
+            Sample(
+                time.time(),
+                sum(self._last_cpu.values()),
+                rss,
+                machine_busy_seconds(),
+                self._own_max,
+                machine_steal_seconds(),
+            )
         )
 
     def cpu_between(self, start: float, end: float) -> float | None:
@@ -324,6 +340,13 @@ class ProcessSampler:
         own = self._value_at(end, "own_cpu_seconds") - self._value_at(start, "own_cpu_seconds")
         span = end - start
         return busy / span, max(0.0, busy - own) / span
+
+    def steal_between(self, start: float, end: float) -> float | None:
+        """Cores' worth of CPU time the hypervisor withheld between two wall-clock times."""
+        if len(self.samples) < 2 or end <= start:
+            return None
+        stolen = self._value_at(end, "machine_steal_seconds") - self._value_at(start, "machine_steal_seconds")
+        return stolen / (end - start)
 
     def _cpu_at(self, moment: float) -> float:
         return self._value_at(moment, "cpu_seconds")

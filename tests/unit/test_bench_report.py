@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.answer import STAGES, AnswerSample, stage_samples
 from bench.report import (
     PhaseResult,
     Target,
@@ -195,8 +196,169 @@ class TestTargets:
         assert self.by_name(evaluate_targets([]), "throughput").met is None
 
 
+def answer_phase(p50: float, p99: float = 90.0, **overrides: object) -> PhaseResult:
+    values: dict[str, object] = {
+        "mode": "answer",
+        "offered_rate": 150.0,
+        "exchange_latency_ms": 50.0,
+        "waiters": "asyncio",
+        "answered": 1200,
+        "answer_ms": {"p50": p50, "p95": 80.0, "p99": p99, "max": 120.0, "mean": p50},
+        "answer_stages_ms": {
+            stage: {"p50": 1.0, "p95": 2.0, "p99": 3.0, "max": 4.0, "mean": 1.0} for stage in STAGES
+        },
+        "most_waiting": 14,
+        "peak_fraction": 0.5,
+        "steal_cores": 0.3,
+        "caller_cpu_ms_per_job": 1.5,
+        "notify_probe_ms": {"p50": 0.8, "p95": 1.5, "p99": 2.5, "max": 3.0, "mean": 0.9},
+    }
+    values.update(overrides)
+    return phase(**values)
+
+
+class TestSubmitToAnswer:
+    """The caller's submit-to-answer figure against the exchange latency (the 20 ms target)."""
+
+    def by_name(self, targets: list[Target], fragment: str) -> Target:
+        return next(target for target in targets if fragment in target.name)
+
+    def test_p50_within_the_margin_of_the_exchange_latency_meets_the_target(self) -> None:
+        target = self.by_name(evaluate_targets([phase(), answer_phase(p50=69.5)]), "submit-to-answer")
+        assert target.met is True
+        assert "p50 69.5 ms = exchange 50 ms + 19.5 ms" in target.detail
+        assert "p99 90.0 ms" in target.detail
+
+    def test_p50_beyond_the_margin_misses_it(self) -> None:
+        target = self.by_name(evaluate_targets([answer_phase(p50=70.5)]), "submit-to-answer")
+        assert target.met is False
+        assert "+ 20.5 ms" in target.detail
+
+    def test_the_margin_is_measured_from_the_configured_exchange_latency(self) -> None:
+        slow = answer_phase(p50=215.0, exchange_latency_ms=200.0)
+        assert self.by_name(evaluate_targets([slow]), "submit-to-answer").met is True
+
+    def test_no_answer_is_not_measured_rather_than_met(self) -> None:
+        empty = answer_phase(p50=0.0, answered=0, unanswered=5)
+        empty.answer_ms = {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+        target = self.by_name(evaluate_targets([empty]), "submit-to-answer")
+        assert target.met is None
+        assert "5 unanswered" in target.detail
+
+    def test_skipped_phase_is_reported_as_not_run(self) -> None:
+        target = self.by_name(evaluate_targets([phase()]), "submit-to-answer")
+        assert target.met is None
+        assert not [t for t in evaluate_targets([phase(system="raw")]) if "submit-to-answer" in t.name]
+
+    def test_report_prints_percentiles_next_to_the_exchange_latency_and_a_verdict(self) -> None:
+        results = [phase(), phase(mode="paced", offered_rate=150.0), answer_phase(p50=63.25, p99=88.0)]
+        text = render_report(results, evaluate_targets(results), {"latency_ms": 50, "pool": "gevent"})
+        assert "Submit to answer, pool gevent: submit_phone_code, then wait for the job's end" in text
+        assert "(woken by its NOTIFY), paced at 50% of wxphone's peak" in text
+        row = next(line for line in text.splitlines() if line.startswith("wxphone ") and "asyncio" in line)
+        # system, waiters, at jobs/s, answered, unanswered, exchange, p50, p95, p99, max, p50 - exchange,
+        # most waiting, caller CPU, other cores, steal cores
+        assert row.split() == ["wxphone", "asyncio", "150", "1200", "0", "50.0", "63.2", "80.0", "88.0",
+                               "120", "13.2", "14", "1.50", "-", "0.30"]  # fmt: skip
+        assert "PASS submit-to-answer p50 within 20 ms of the exchange latency: p50 63.2 ms" in text
+        stages = text.split("Where the time goes")[1].splitlines()
+        assert [line.split("  ")[0] for line in stages[3 : 3 + len(STAGES)]] == list(STAGES)
+        assert stages[3 + len(STAGES)].split() == [
+            "(bare",
+            "NOTIFY",
+            "probe)",
+            "0.80",
+            "1.50",
+            "2.50",
+            "3.00",
+        ]
+        # The answer phase stays out of the side-by-side table (its rows come from drain and paced).
+        side_by_side = text.split("Side by side")[1].split("\n\n")[0]
+        assert sum(1 for line in side_by_side.splitlines() if line.startswith("wxphone")) == 1
+
+    def test_the_verdict_is_given_only_at_half_of_peak(self) -> None:
+        at_half = answer_phase(p50=60.0, peak_fraction=0.5)
+        assert self.by_name(evaluate_targets([at_half]), "submit-to-answer").met is True
+        lighter = answer_phase(p50=60.0, peak_fraction=0.1, offered_rate=30.0)
+        target = self.by_name(evaluate_targets([lighter]), "submit-to-answer")
+        assert target.met is None
+        assert target.detail.startswith("measured at 10% of peak, not at the target's 50%: p50 60.0 ms")
+        assert "n/a submit-to-answer" in render_report([lighter], [], {"pool": "threads"})
+
+    def test_a_miss_prints_fail(self) -> None:
+        text = render_report([answer_phase(p50=95.0)], [], {"pool": "threads"})
+        assert "FAIL submit-to-answer p50 within 20 ms" in text
+
+    def test_answer_fields_read_back_from_json(self, tmp_path: Path) -> None:
+        original = answer_phase(p50=61.0)
+        write_json(tmp_path / "r.json", {"results": [original.as_dict()]})
+        results, _, _ = load_results(tmp_path / "r.json")
+        assert results == [original]
+
+    def test_older_json_without_answer_fields_still_loads(self, tmp_path: Path) -> None:
+        data = phase().as_dict()
+        for key in ("answer_ms", "answer_stages_ms", "exchange_latency_ms", "waiters", "answered"):
+            del data[key]
+        write_json(tmp_path / "old.json", {"results": [data]})
+        results, _, _ = load_results(tmp_path / "old.json")
+        assert results[0].answer_ms == {} and results[0].exchange_latency_ms is None
+
+
+class TestAnswerStages:
+    """Each answer split into submit, to worker, exchange, worker other, commit + notify, read."""
+
+    def sample(self, job_id: str, status: str = "succeeded", woken: float | None = 100.070) -> AnswerSample:
+        return AnswerSample(
+            job_id=job_id,
+            scheduled_at=99.999,
+            submit_at=100.000,
+            call_started_at=100.001,
+            submitted_at=100.003,
+            woken_at=woken,
+            answered_at=100.072,
+            status=status,
+        )
+
+    def test_stages_add_up_to_the_answer(self) -> None:
+        sample = self.sample("a")
+        stages = stage_samples([sample], {"a": 100.005}, {"a": 100.066}, {"a": 55.0})
+        assert stages["executor wait"] == [pytest.approx(1.0)]
+        assert stages["submit"] == [pytest.approx(2.0)]
+        assert stages["to worker"] == [pytest.approx(2.0)]
+        assert stages["exchange"] == [55.0]
+        assert stages["worker other"] == [pytest.approx(6.0)]
+        assert stages["commit + notify"] == [pytest.approx(4.0)]
+        assert stages["read"] == [pytest.approx(2.0)]
+        assert sum(values[0] for values in stages.values()) == pytest.approx(sample.answer_ms)
+        assert sample.lag_ms == pytest.approx(1.0)
+
+    def test_samples_without_every_time_are_left_out(self) -> None:
+        samples = [
+            self.sample("failed", status="failed"),
+            self.sample("unwoken", woken=None),
+            self.sample("x"),
+        ]
+        times = {"failed": 100.005, "unwoken": 100.005}
+        stages = stage_samples(samples, times, {**times, "x": 100.066}, {"failed": 50.0, "unwoken": 50.0})
+        assert all(values == [] for values in stages.values())
+
+
 class TestCommandLine:
     """``--pool``: every system runs on it, started through an entry point that patches for gevent first."""
+
+    def test_answer_options(self) -> None:
+        from bench.__main__ import build_parser, config_from
+
+        parser = build_parser()
+        quick = config_from(parser.parse_args(["--quick"]))
+        assert (quick.answer, quick.answer_seconds, quick.answer_waiters) == (True, 8.0, "asyncio")
+        assert config_from(parser.parse_args([])).answer_seconds == 20.0
+        assert config_from(parser.parse_args(["--no-answer"])).answer is False
+        assert config_from(parser.parse_args(["--answer-waiters", "threads"])).answer_waiters == "threads"
+        assert config_from(parser.parse_args([])).answer_fraction == 0.5
+        assert config_from(parser.parse_args(["--answer-fraction", "0.1"])).answer_fraction == 0.1
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--answer-waiters", "greenlets"])
 
     def test_pool_choices(self) -> None:
         from bench.__main__ import build_parser, config_from
@@ -220,3 +382,24 @@ class TestCommandLine:
             # the celery command patches for gevent itself (maybe_patch_concurrency) before importing
             assert args[:3] == [PYTHON, "-m", "celery"]
             assert args[args.index("--pool") + 1] == "gevent"
+
+
+class TestSteal:
+    """CPU the hypervisor withheld, from /proc/stat's steal column, in cores over a window."""
+
+    def test_steal_between_two_moments_interpolates_the_samples(self) -> None:
+        from bench.services import ProcessSampler, Sample
+
+        sampler = ProcessSampler(lambda: [])
+        sampler.samples = [
+            Sample(at=100.0, cpu_seconds=0.0, rss_mb={}, machine_steal_seconds=50.0),
+            Sample(at=110.0, cpu_seconds=0.0, rss_mb={}, machine_steal_seconds=54.0),
+        ]
+        assert sampler.steal_between(100.0, 110.0) == pytest.approx(0.4)
+        assert sampler.steal_between(102.5, 107.5) == pytest.approx(0.4)
+        assert sampler.steal_between(110.0, 100.0) is None
+
+    def test_this_machine_reports_a_steal_counter(self) -> None:
+        from bench.services import machine_steal_seconds
+
+        assert machine_steal_seconds() >= 0.0
