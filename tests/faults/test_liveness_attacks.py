@@ -286,10 +286,12 @@ def test_a_redelivered_copy_of_a_running_login_does_not_present_its_code_again(
     result = pipeline.celery.AsyncResult(task_id).get(timeout=30)
     # The copy, looking again after the live run, finds the login done.
     wait_for(
-        lambda: "login already succeeded in an earlier run of this task" in pipeline.processes[-1].output(),
+        lambda: "login already ended in an earlier run of this task" in pipeline.processes[-1].output(),
         timeout_seconds=40,
         what="the copy to find the login done",
     )
     calls = endpoint_counts(pipeline.sandbox, "login")
     assert calls.calls == 1, f"js_code presented {calls.calls} times: {calls.errcodes}; result {result}"
     assert result["status"] == "succeeded" and result["openid"] == openid, result
+    job = pipeline.producer.get_job(task_id)
+    assert job is not None and (job.kind, job.status, job.attempts) == ("login", "succeeded", 1)
